@@ -1,0 +1,326 @@
+"""The job spec: a YAML file mapped onto dataclasses, with `--set a.b=c` overrides and validation.
+
+Every field has a default except `data.dataset` and `run.url`; an unknown key, a wrong type or an inconsistent
+combination raises `SpecError` with the key's dotted path and what is allowed, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names the key and what to change."""
+
+
+@dataclass
+class ModelSpec:
+    variant: str = "B/16"
+    image_size: int = 224
+    num_classes: int | None = None  # None: taken from the dataset's classes
+    stoch_depth: float = 0.0
+    dropout: float = 0.0
+    head_bias: float = 0.0
+    gelu: Literal["tanh", "exact"] = "tanh"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    # Weights to start from: a run's checkpoint URL, an export (.safetensors) or an official .npz.
+    init: str | None = None
+    # Keep the initial weights' head only when its classes match; "reset" always starts a fresh head.
+    init_head: Literal["auto", "reset"] = "auto"
+
+
+@dataclass
+class RandAugSpec:
+    layers: int = 0
+    magnitude: int = 0
+
+
+@dataclass
+class DataSpec:
+    dataset: str = ""
+    train_split: str = "train"
+    eval_split: str | None = "val"
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    randaug: RandAugSpec = field(default_factory=RandAugSpec)
+    mixup: float = 0.0
+    # The global sample order is cut into this many independent streams; it depends on (dataset, seed, epoch,
+    # global batch, streams) and never on the world size. workers x max(loader_workers, 1) must divide it.
+    streams: int = 64
+    loader_workers: int = 2
+    eval_resize: int | None = None  # short side before the centre crop; None: image_size * 8 / 7
+
+
+@dataclass
+class OptimSpec:
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    clip_grad_norm: float | None = 1.0
+
+
+@dataclass
+class ScheduleSpec:
+    warmup_steps: int = 0
+    decay: Literal["linear", "cosine", "constant"] = "linear"
+    end_lr: float = 0.0
+    epochs: float | None = None
+    total_steps: int | None = None
+
+
+@dataclass
+class BatchSpec:
+    global_: int = 4096  # YAML key: global
+    micro: int = 64
+
+
+@dataclass
+class DeepSpeedSpec:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: bool = True
+    offload_optimizer: bool = False
+
+
+@dataclass
+class ClusterSpec:
+    workers: int = 1
+    gpus_per_worker: int = 0
+    cpus_per_worker: int = 1
+    max_failures: int = 3
+
+
+@dataclass
+class EvalSpec:
+    every_steps: int = 0  # 0: only at the end
+    batch_size: int = 128
+
+
+@dataclass
+class CheckpointSpec:
+    every_steps: int = 1000
+    keep_last: int = 3
+    keep_every: int | None = None  # also keep every Nth step for ever
+
+
+@dataclass
+class RunSpec:
+    url: str = ""
+    log_every: int = 10
+
+
+@dataclass
+class Spec:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    optim: OptimSpec = field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    batch: BatchSpec = field(default_factory=BatchSpec)
+    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Identity of what is trained: changes with model, data, loss, optimizer, schedule, batch and seed, but not
+        with the cluster size or where the run lives, so a run can resume on another number of workers."""
+        d = self.to_dict()
+        kept = {k: d[k] for k in ("model", "data", "loss", "optim", "schedule", "batch", "seed")}
+        kept["data"] = {k: v for k, v in kept["data"].items() if k != "loader_workers"}
+        kept["model"] = {k: v for k, v in kept["model"].items() if k not in ("compile", "activation_checkpointing")}
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _yaml_key(name: str) -> str:
+    return name.rstrip("_")
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {_yaml_key(f.name): _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"a list of {len(typing.get_args(tp))} numbers"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(_yaml_key(f.name) for f in dataclasses.fields(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is type(next(a for a in typing.get_args(tp) if a == value)):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, path)
+            except SpecError:
+                continue
+    elif origin is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, list | tuple) and len(value) == len(args):
+            return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, path)
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise SpecError(f"{path}: got {value!r} ({type(value).__name__}); expected {_describe(tp)}")
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {_yaml_key(f.name): f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise SpecError(f"unknown key '{path}'; allowed here: {', '.join(fields)}")
+        f = fields[key]
+        kwargs[f.name] = _coerce(value, hints[f.name], path)
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """`["optim.lr=3e-3", "batch.global=64"]` -> nested dict; values are read as YAML scalars or lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected KEY=VALUE, e.g. --set optim.lr=3e-3")
+        key, text = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(f"--set {item!r}: '{part}' is set both as a value and as a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Spec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"a job spec is a YAML mapping at the top level, got {type(raw).__name__}")
+    spec = _build(Spec, _merge(raw, parse_overrides(overrides)))
+    validate(spec)
+    return spec
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Spec:
+    """Read a job spec (a local path or any fsspec URL), apply `--set` overrides and validate it."""
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "r") as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError as e:
+        raise SpecError(f"{path}: no such job spec file") from e
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: not valid YAML: {e}") from e
+    try:
+        return from_dict(raw, overrides)
+    except SpecError as e:
+        raise SpecError(f"{path}: {e}") from e
+
+
+def validate(spec: Spec) -> None:
+    """Checks that need no I/O. `check_dataset` (in pipeline.data) checks the dataset URL."""
+    from pipeline.model import VARIANTS
+
+    m, d, b, c, s = spec.model, spec.data, spec.batch, spec.cluster, spec.schedule
+    if not d.dataset:
+        raise SpecError("data.dataset is required: the URL of a dataset written by `mixer prepare`")
+    if not spec.run.url:
+        raise SpecError("run.url is required: where the run keeps its config, metrics and checkpoints")
+    if m.variant not in VARIANTS:
+        raise SpecError(f"model.variant: unknown variant {m.variant!r}; known: {', '.join(VARIANTS)}")
+    patch = VARIANTS[m.variant].patch_size
+    if m.image_size % patch:
+        raise SpecError(f"model.image_size: {m.image_size} is not divisible by the patch size {patch} of {m.variant}")
+    for name, value in (("model.stoch_depth", m.stoch_depth), ("model.dropout", m.dropout), ("data.mixup", d.mixup)):
+        if not 0.0 <= value < 1.0:
+            raise SpecError(f"{name}: {value} is outside [0, 1)")
+    lo, hi = d.crop_scale
+    if not 0.0 < lo <= hi <= 1.0:
+        raise SpecError(f"data.crop_scale: {list(d.crop_scale)} must satisfy 0 < low <= high <= 1")
+    positive = {"batch.global": b.global_, "batch.micro": b.micro, "cluster.workers": c.workers,
+                "data.streams": d.streams, "checkpoint.keep_last": spec.checkpoint.keep_last,
+                "eval.batch_size": spec.eval.batch_size}
+    for name, value in positive.items():
+        if value <= 0:
+            raise SpecError(f"{name}: must be positive, got {value}")
+    if b.global_ % (b.micro * c.workers):
+        raise SpecError(
+            f"batch.global={b.global_} is not divisible by batch.micro x cluster.workers = {b.micro} x {c.workers}; "
+            f"choose a global batch that is a multiple of {b.micro * c.workers}, or change the micro batch or workers"
+        )
+    if b.global_ % d.streams:
+        raise SpecError(f"batch.global={b.global_} is not divisible by data.streams={d.streams}; "
+                        "each global batch takes the same number of samples from every stream")
+    readers = c.workers * max(d.loader_workers, 1)
+    if d.streams % readers:
+        raise SpecError(
+            f"data.streams={d.streams} is not divisible by cluster.workers x max(data.loader_workers, 1) = {readers}; "
+            "set data.streams to a multiple of it (it must stay fixed for the life of a run)"
+        )
+    if (s.epochs is None) == (s.total_steps is None):
+        raise SpecError("schedule: give exactly one of schedule.epochs or schedule.total_steps")
+    if s.warmup_steps < 0:
+        raise SpecError(f"schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
+    if spec.deepspeed.bf16 and c.gpus_per_worker == 0:
+        raise SpecError("deepspeed.bf16: bf16 needs GPUs; on CPU (cluster.gpus_per_worker: 0) set deepspeed.bf16=false")
+    if spec.optim.name == "sgd" and spec.deepspeed.offload_optimizer:
+        raise SpecError("deepspeed.offload_optimizer works with optim.name=adam only")
