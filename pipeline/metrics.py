@@ -1,0 +1,103 @@
+"""Run metrics: `RUN/metrics.jsonl` and TensorBoard, throughput and MFU, the progress bar.
+
+Lines are JSON objects, `{"kind": "train", "step", "epoch", "time", "loss", "lr", "grad_norm", "images_per_s",
+"step_time_s", "mfu", "eta_s"}` or `{"kind": "eval", "step", "top1", "top5", "loss"}` (multi-label runs add "prec1").
+Only rank 0 writes. The file is kept locally and published whole (atomically) every `flush_every_s` seconds, at each
+checkpoint and at the end; on resume, lines past the resumed step are dropped so the history has no duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+from pipeline import storage
+
+# Dense bf16 matrix rates (FLOP/s) by device name, for MFU. Unknown devices report no MFU rather than a guess.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in device_name:
+            return value
+    return None
+
+
+def mfu(images_per_s: float, train_flops_per_image: float, peak_per_device: float | None, devices: int) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the devices' peak."""
+    if not peak_per_device:
+        return None
+    return images_per_s * train_flops_per_image / (peak_per_device * devices)
+
+
+class MetricsLog:
+    """Append-only metrics for one run, written by rank 0 only (`enabled`)."""
+
+    def __init__(self, run_url: str, enabled: bool, resume_step: int = 0, flush_every_s: float = 30.0):
+        self.enabled = enabled
+        self.url = storage.join(run_url, "metrics.jsonl")
+        self.flush_every_s = flush_every_s
+        self._last_flush = time.monotonic()
+        self._lines: list[str] = []
+        self._tb = None
+        if not enabled:
+            return
+        if storage.exists(self.url):
+            for line in storage.read_bytes(self.url).decode().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    self._lines.append(line)
+        tb_dir = storage.join(run_url, "tensorboard")
+        if not storage.is_local(run_url):
+            tb_dir = tempfile.mkdtemp(prefix="mixer-tb-")
+        else:
+            os.makedirs(storage.filesystem(tb_dir)[1], exist_ok=True)
+            tb_dir = storage.filesystem(tb_dir)[1]
+        self._tb_local = tb_dir
+        self._tb_remote = None if storage.is_local(run_url) else storage.join(run_url, "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(tb_dir, purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._lines.append(json.dumps(record))
+        kind = record.get("kind", "train")
+        for key, value in record.items():
+            if key not in ("kind", "step", "time") and isinstance(value, int | float) and value is not None:
+                self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
+        if time.monotonic() - self._last_flush > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        storage.write_bytes_atomic(self.url, ("\n".join(self._lines) + "\n").encode() if self._lines else b"")
+        self._tb.flush()
+        if self._tb_remote:
+            fs, path = storage.filesystem(self._tb_remote)
+            fs.put(self._tb_local + "/", path, recursive=True)
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.flush()
+            self._tb.close()
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    d, rem = divmod(seconds, 86400)
+    h, rem = divmod(rem, 3600)
+    m, s = divmod(rem, 60)
+    return f"{d}d{h:02d}h{m:02d}m" if d else f"{h:d}:{m:02d}:{s:02d}"
