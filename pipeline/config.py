@@ -118,6 +118,8 @@ class CheckpointSpec:
 class RunSpec:
     url: str = ""
     log_every: int = 10
+    # Stop after this step, checkpointed, as a preemption would; the same command later resumes the run.
+    stop_after: int | None = None
 
 
 @dataclass

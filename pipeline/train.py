@@ -304,7 +304,8 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
     progress = _progress(rank, step, plan.total_steps)
     last_eval: dict[str, float] = {}
     window_start, window_steps, loss_sum = time.perf_counter(), 0, torch.zeros((), device=device)
-    while step < plan.total_steps:
+    stop_at = min(plan.total_steps, spec.run.stop_after or plan.total_steps)
+    while step < stop_at:
         batch = next(batches)
         images = batch.images.to(device, non_blocking=True)
         targets = batch.targets.to(device, non_blocking=True)
@@ -352,6 +353,14 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
             mlog.log({"kind": "eval", "step": step, **last_eval})
         if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0:
             save(step)
+
+    if step < plan.total_steps:  # stopped on request (run.stop_after): leave a checkpoint to resume from
+        if not spec.checkpoint.every_steps or step % spec.checkpoint.every_steps:
+            save(step)
+        store.wait()
+        mlog.close()
+        dist.barrier()
+        return {"step": step, "eval": last_eval, "export": None, "stopped": True}
 
     # Finish: a last evaluation, a last checkpoint, an fp32 export of the weights.
     if spec.data.eval_split:
