@@ -1,0 +1,588 @@
+"""The training data stream: a deterministic, resumable sequence of augmented batches read from a prepared dataset.
+
+Order. The sequence of global batches is a pure function of (dataset, seed, epoch, global batch G, streams C); the
+world size and the number of loader processes only decide who computes which part of it.
+
+* Epoch e permutes the split's shards with rng(seed, e) and lays their samples end to end (tar order inside a shard).
+  That sequence of N samples is cut into C streams of equal length L = N // C: stream c is positions [c*L, (c+1)*L).
+  A shard that straddles a cut is read by both neighbouring streams, each taking its own part.
+* A stream is a list of pieces (a shard, or the part of one that falls in the stream). Groups of `WINDOW` consecutive
+  pieces form windows; samples are shuffled within a window with rng(seed, e, c, window).
+* Global batch b is the concatenation over c = 0..C-1 of stream c's samples [b*G/C, (b+1)*G/C).
+  batches_per_epoch = L // (G/C), the same for every epoch and rank; the tail of each stream (fewer than G/C samples)
+  and the N mod C samples past the last cut are dropped, i.e. less than one global batch plus C samples per epoch.
+  Which samples fall there changes with the shard permutation, so none is dropped for ever.
+* Rank r of n owns the contiguous streams [r*C/n, (r+1)*C/n): the ranks' batches concatenated in rank order are the
+  global batch. With m loader processes, process w of a rank owns a contiguous sub-block of the rank's streams and
+  yields, per batch, one chunk with its streams' samples; the main process joins m consecutive chunks (DataLoader
+  hands them out round robin) in process order. C must be divisible by n * max(m, 1), and G by C.
+
+Pixels. Sample i of stream c in epoch e is augmented from its own seed, derived from (seed, e, c, i): inception crop
+(RandomResizedCrop's sampling rule), horizontal flip, then RandAugment (torchvision v2, run on a forked torch RNG
+seeded per sample), then (x - 127.5) / 127.5. JPEGs are decoded with libjpeg-turbo (simplejpeg) at the smallest DCT
+scale that still leaves the crop at least `image_size` pixels, so large sources decode at a fraction of the cost.
+Mixup (when > 0) mixes each stream's chunk of a batch with itself reversed, with lam ~ Beta(a, a) from
+rng(seed, e, b, c); targets (one-hot or multi-hot) are mixed alike. Augmentation runs on one intra-op thread in
+every process, so the bits do not depend on where a sample is computed.
+
+Memory. A stream holds one window of encoded samples at a time: a rank holds about C/n * WINDOW shards' bytes.
+
+Resume. `state_dict()` is the position of the next batch (epoch, batch) with the order's identity (seed, streams,
+global batch, split, dataset). Restoring skips whole windows by the sample counts in dataset.json without reading
+them, and inside the first window reads only up to the samples still needed, decoding none of the others.
+
+Evaluation (`eval_batches`): rank r reads shards r::n in order (uneven is fine), resize of the short side, centre
+crop, no augmentation, every sample once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import simplejpeg
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from pipeline import storage
+from pipeline.dataset_json import DatasetError, DatasetInfo, Shard, Split
+from pipeline.dataset_json import load as load_dataset
+
+WINDOW = 4  # consecutive pieces of a stream shuffled together
+ORDER_VERSION = 1  # bump when the order scheme changes: old stream states then refuse to load
+
+# Domains of the derived seeds, so that e.g. a window's permutation and a sample's crop never share a seed.
+_SHARDS, _WINDOW, _SAMPLE, _MIXUP = range(4)
+_IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+@dataclass
+class StreamConfig:
+    split: str
+    seed: int
+    global_batch: int
+    streams: int
+    image_size: int
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    flip: bool = True
+    randaug_layers: int = 0
+    randaug_magnitude: int = 0
+    mixup: float = 0.0
+    loader_workers: int = 0
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # float32 [N, 3, H, W] in [-1, 1]
+    targets: torch.Tensor  # float32 [N, K]: one-hot or multi-hot, mixed by mixup
+    keys: list[str]
+
+
+@dataclass
+class _Sample:
+    key: str
+    image: bytes
+    labels: tuple[int, ...]
+    shard_url: str
+
+
+@dataclass
+class _Chunk:
+    """What a loader process hands to the main process: uint8 images (4x less to copy than float)."""
+
+    images: torch.Tensor
+    labels: list[tuple[int, ...]]
+    keys: list[str]
+    epoch: int = 0
+    batch: int = 0
+    first_stream: int = 0
+
+
+def check_dataset(url: str) -> DatasetInfo:
+    """Load and sanity-check `url/dataset.json`; raises DatasetError saying what to do."""
+    info = load_dataset(url)
+    if not info.splits:
+        raise DatasetError(f"{info.url}/dataset.json lists no splits; prepare the dataset again with `mixer prepare`")
+    if not info.classes:
+        raise DatasetError(f"{info.url}/dataset.json lists no classes; prepare the dataset again with `mixer prepare`")
+    for name, split in info.splits.items():
+        if split.shards and split.samples == 0:
+            raise DatasetError(f"{info.url}: split {name!r} has shards but no samples")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# seeds
+
+
+def _seed_sequence(*key: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([k % 2**64 for k in key])
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng(_seed_sequence(*key))
+
+
+def _seed(*key: int) -> int:
+    return int(_seed_sequence(*key).generate_state(1, np.uint64)[0]) >> 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the order
+
+
+@dataclass(frozen=True)
+class _Piece:
+    shard: int  # index into the split's shard list
+    start: int  # first sample (tar order) of the shard in this piece
+    stop: int
+
+
+@dataclass(frozen=True)
+class _Window:
+    pieces: list[_Piece]
+    order: np.ndarray  # permutation of the window's samples (indices in piece order)
+
+
+def _stream_windows(split: Split, seed: int, epoch: int, stream: int, start: int, length: int) -> list[_Window]:
+    """Stream `stream` of epoch `epoch`: positions [start, start + length) of the epoch's shard sequence."""
+    perm = _rng(_SHARDS, seed, epoch).permutation(len(split.shards))
+    ends = np.cumsum([split.shards[i].samples for i in perm])
+    pieces = []
+    pos, stop = start, start + length
+    k = int(np.searchsorted(ends, pos, side="right"))
+    while pos < stop:
+        shard_begin = int(ends[k]) - split.shards[perm[k]].samples
+        piece_end = min(int(ends[k]), stop)
+        pieces.append(_Piece(int(perm[k]), pos - shard_begin, piece_end - shard_begin))
+        pos, k = piece_end, k + 1
+    windows = []
+    for w in range(0, len(pieces), WINDOW):
+        group = pieces[w:w + WINDOW]
+        n = sum(p.stop - p.start for p in group)
+        windows.append(_Window(group, _rng(_WINDOW, seed, epoch, stream, w // WINDOW).permutation(n)))
+    return windows
+
+
+def _stream_samples(info: DatasetInfo, split: Split, windows: list[_Window], skip: int) -> Iterator[_Sample]:
+    """The stream's samples in order, from position `skip` on. Windows before it are not read at all."""
+    pos = 0
+    for window in windows:
+        n = len(window.order)
+        if pos + n <= skip:
+            pos += n
+            continue
+        needed = window.order[max(0, skip - pos):]
+        loaded = _load_window(info, split, window.pieces, set(needed.tolist()))
+        for i in needed.tolist():
+            yield loaded.pop(i)
+        pos += n
+
+
+def _load_window(info: DatasetInfo, split: Split, pieces: list[_Piece], wanted: set[int]) -> dict[int, _Sample]:
+    """The wanted samples of a window (indices in piece order), read shard by shard; others are skipped unread."""
+    loaded: dict[int, _Sample] = {}
+    base = 0
+    for p in pieces:
+        in_piece = sorted(i - base + p.start for i in wanted if base <= i < base + p.stop - p.start)
+        if in_piece:
+            shard = split.shards[p.shard]
+            for index, sample in _read_shard(info, shard, set(in_piece), in_piece[-1] + 1, info.multi_label):
+                loaded[base + index - p.start] = sample
+        base += p.stop - p.start
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading shards
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """`a/b/key.jpg` -> (`a/b/key`, `jpg`): the key runs to the first dot of the file name, as in webdataset."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: int,
+                multi_label: bool) -> Iterator[tuple[int, _Sample]]:
+    """Samples [0, stop) of a shard that are in `wanted` (None: all), streamed through fsspec. Members of other
+    samples are passed over without being extracted; reading ends at `stop`."""
+    url = info.shard_url(shard)
+    fs, path = storage.filesystem(url)
+    index, key, files = -1, None, {}
+    try:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name, ext = _split_name(member.name)
+                if name != key:
+                    if key is not None and (wanted is None or index in wanted):
+                        yield index, _make_sample(url, key, files, multi_label, info.num_classes)
+                    index, key, files = index + 1, name, {}
+                    if index >= stop:
+                        return
+                if wanted is None or index in wanted:
+                    files[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as e:
+        raise DatasetError(f"{url}: cannot read the shard ({e}); check the dataset with `mixer verify`") from e
+    if key is not None and (wanted is None or index in wanted):
+        yield index, _make_sample(url, key, files, multi_label, info.num_classes)
+    if index + 1 < min(stop, shard.samples):
+        raise DatasetError(
+            f"{url}: holds {index + 1} samples but dataset.json lists {shard.samples}; the shard changed after "
+            "preparation: check the dataset with `mixer verify` or prepare it again"
+        )
+
+
+def _make_sample(url: str, key: str, files: dict[str, bytes], multi_label: bool, num_classes: int) -> _Sample:
+    image = next((files[e] for e in _IMAGE_EXTS if e in files), None)
+    if image is None:
+        raise DatasetError(f"{url}: sample {key!r} has no image ({', '.join(_IMAGE_EXTS)}); found {sorted(files)}")
+    labels: tuple[int, ...] | None = None
+    try:
+        if "json" in files and (multi_label or "cls" not in files):
+            labels = tuple(int(x) for x in json.loads(files["json"])["labels"])
+        elif "cls" in files:
+            labels = (int(files["cls"].decode().strip()),)
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{url}: sample {key!r} has a malformed label ({e})") from e
+    if labels is None:
+        raise DatasetError(f"{url}: sample {key!r} has no label (.cls or .json with \"labels\")")
+    if any(not 0 <= label < num_classes for label in labels):
+        raise DatasetError(f"{url}: sample {key!r} has labels {list(labels)} outside the {num_classes} classes")
+    return _Sample(key, image, labels, url)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decoding and augmentation
+
+
+def _image_size(sample: _Sample) -> tuple[int, int]:
+    try:
+        h, w, _, _ = simplejpeg.decode_jpeg_header(sample.image)
+        return h, w
+    except ValueError:
+        try:
+            w, h = Image.open(io.BytesIO(sample.image)).size
+            return h, w
+        except OSError as e:
+            raise DatasetError(f"{sample.shard_url}: sample {sample.key!r}: cannot read the image ({e})") from e
+
+
+def _decode(sample: _Sample, min_height: int, min_width: int) -> torch.Tensor:
+    """uint8 [3, h, w], a view of HWC memory (the layout the uint8 resize kernels are fastest on). JPEGs decode at
+    the smallest DCT scale that keeps at least min_height x min_width; other formats at full size."""
+    try:
+        array = simplejpeg.decode_jpeg(sample.image, colorspace="RGB", min_height=min_height, min_width=min_width)
+    except ValueError:
+        try:
+            array = np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB"))
+        except OSError as e:
+            raise DatasetError(f"{sample.shard_url}: sample {sample.key!r}: cannot decode the image ({e})") from e
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _crop_box(h: int, w: int, scale: tuple[float, float], rnd: random.Random) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's rule (area fraction in `scale`, aspect ratio log-uniform in [3/4, 4/3], ten tries, then
+    a centre crop), drawn from `rnd`."""
+    area = h * w
+    log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
+    for _ in range(10):
+        target = area * rnd.uniform(*scale)
+        aspect = math.exp(rnd.uniform(log_lo, log_hi))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rnd.random() * (h - ch + 1)), int(rnd.random() * (w - cw + 1)), ch, cw
+    ratio = w / h
+    if ratio < 3 / 4:
+        cw, ch = w, round(w / (3 / 4))
+    elif ratio > 4 / 3:
+        ch, cw = h, round(h * (4 / 3))
+    else:
+        cw, ch = w, h
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def _train_image(sample: _Sample, cfg: StreamConfig, seed: int, randaug: v2.RandAugment | None) -> torch.Tensor:
+    rnd = random.Random(seed)
+    size = cfg.image_size
+    h, w = _image_size(sample)
+    top, left, ch, cw = _crop_box(h, w, cfg.crop_scale, rnd)
+    flip = rnd.random() < 0.5
+    aug_seed = rnd.getrandbits(63)
+    image = _decode(sample, math.ceil(size * h / ch), math.ceil(size * w / cw))
+    dh, dw = image.shape[1:]
+    if (dh, dw) != (h, w):  # decoded at a reduced scale: the same box in its coordinates
+        top, left = top * dh // h, left * dw // w
+        ch, cw = max(1, min(dh - top, round(ch * dh / h))), max(1, min(dw - left, round(cw * dw / w)))
+    image = F.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
+    if cfg.flip and flip:
+        image = image.flip(-1)
+    if randaug is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(aug_seed)
+            image = randaug(image)
+    return image.contiguous()
+
+
+def _eval_image(sample: _Sample, image_size: int, resize: int) -> torch.Tensor:
+    h, w = _image_size(sample)
+    image = _decode(sample, math.ceil(resize * h / min(h, w)), math.ceil(resize * w / min(h, w)))
+    image = F.resize(image, resize, antialias=True)
+    return F.center_crop(image, [image_size, image_size]).contiguous()
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Augmentation on one intra-op thread, as in loader processes: some RandAugment ops reduce in float, and the
+    bits of a parallel reduction depend on the thread count."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    return torch.sub(images, 127.5).div_(127.5)
+
+
+def _targets(labels: Sequence[tuple[int, ...]], num_classes: int) -> torch.Tensor:
+    targets = torch.zeros(len(labels), num_classes)
+    rows = [i for i, ls in enumerate(labels) for _ in ls]
+    cols = [label for ls in labels for label in ls]
+    targets[rows, cols] = 1.0
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training stream
+
+
+def _produce_train(info: DatasetInfo, cfg: StreamConfig, streams: range, epoch: int,
+                   batch: int) -> Iterator[_Chunk]:
+    """Chunks of `streams` (a contiguous block) for every batch from (epoch, batch) on, forever."""
+    split = info.split(cfg.split)
+    per_stream = cfg.global_batch // cfg.streams
+    stream_len = split.samples // cfg.streams
+    batches = stream_len // per_stream
+    randaug = None
+    if cfg.randaug_layers > 0:
+        randaug = v2.RandAugment(num_ops=cfg.randaug_layers, magnitude=cfg.randaug_magnitude)
+    while True:
+        sources = [
+            _stream_samples(info, split, _stream_windows(split, cfg.seed, epoch, c, c * stream_len,
+                                                         batches * per_stream), batch * per_stream)
+            for c in streams
+        ]
+        for b in range(batch, batches):
+            images, labels, keys = [], [], []
+            for c, source in zip(streams, sources, strict=True):
+                for i in range(b * per_stream, (b + 1) * per_stream):
+                    sample = next(source)
+                    images.append(_train_image(sample, cfg, _seed(_SAMPLE, cfg.seed, epoch, c, i), randaug))
+                    labels.append(sample.labels)
+                    keys.append(sample.key)
+            yield _Chunk(torch.stack(images), labels, keys, epoch, b, streams.start)
+        epoch, batch = epoch + 1, 0
+
+
+def _block(streams: range, part: int, parts: int) -> range:
+    size = len(streams) // parts
+    return range(streams.start + part * size, streams.start + (part + 1) * size)
+
+
+class _TrainSource(IterableDataset):
+    """A rank's streams for a DataLoader: loader process w produces the w-th sub-block."""
+
+    def __init__(self, info: DatasetInfo, cfg: StreamConfig, streams: range, epoch: int, batch: int):
+        self.info, self.cfg, self.streams, self.epoch, self.batch = info, cfg, streams, epoch, batch
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        worker = get_worker_info()
+        part, parts = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return _produce_train(self.info, self.cfg, _block(self.streams, part, parts), self.epoch, self.batch)
+
+
+def _dataset_fingerprint(split: Split) -> str:
+    text = json.dumps([[s.name, s.samples] for s in split.shards])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class TrainStream:
+    """This rank's share of the global batch sequence, epoch after epoch, resumable with state_dict()."""
+
+    def __init__(self, info: DatasetInfo, cfg: StreamConfig, rank: int, world_size: int):
+        split = info.split(cfg.split)
+        readers = world_size * max(cfg.loader_workers, 1)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside the world of size {world_size}")
+        if cfg.streams <= 0 or cfg.streams % readers:
+            raise ValueError(f"data.streams={cfg.streams} is not divisible by workers x max(loader_workers, 1) = "
+                             f"{world_size} x {max(cfg.loader_workers, 1)}; set data.streams to a multiple of it")
+        if cfg.global_batch % cfg.streams:
+            raise ValueError(f"batch.global={cfg.global_batch} is not divisible by data.streams={cfg.streams}")
+        if len(split.shards) < cfg.streams:
+            raise DatasetError(
+                f"{info.url}: split {cfg.split!r} has {len(split.shards)} shards, fewer than data.streams="
+                f"{cfg.streams}; prepare the dataset with a smaller --shard-size or lower data.streams"
+            )
+        per_stream = cfg.global_batch // cfg.streams
+        self.batches_per_epoch = split.samples // cfg.streams // per_stream
+        if self.batches_per_epoch == 0:
+            raise DatasetError(f"{info.url}: split {cfg.split!r} has {split.samples} samples, fewer than one global "
+                               f"batch of {cfg.global_batch}; lower batch.global or use a larger dataset")
+        self.info, self.cfg = info, cfg
+        per_rank = cfg.streams // world_size
+        self.streams = range(rank * per_rank, (rank + 1) * per_rank)
+        self.epoch, self.batch = 0, 0
+        self._fingerprint = _dataset_fingerprint(split)
+        self._source: Iterator[_Chunk] | None = None
+
+    def __iter__(self) -> TrainStream:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._source is None:
+            self._source = self._open()
+        parts = max(self.cfg.loader_workers, 1)
+        if self.cfg.loader_workers:
+            chunks = [next(self._source) for _ in range(parts)]
+        else:
+            with _one_thread():
+                chunks = [next(self._source)]
+        for part, chunk in enumerate(chunks):
+            expected = (self.epoch, self.batch, _block(self.streams, part, parts).start)
+            if (chunk.epoch, chunk.batch, chunk.first_stream) != expected:
+                raise RuntimeError(f"data stream out of order: got (epoch, batch, stream) "
+                                   f"{(chunk.epoch, chunk.batch, chunk.first_stream)}, expected {expected}")
+        batch = self._assemble(chunks)
+        self.batch += 1
+        if self.batch == self.batches_per_epoch:
+            self.epoch, self.batch = self.epoch + 1, 0
+        return batch
+
+    def _open(self) -> Iterator[_Chunk]:
+        if not self.cfg.loader_workers:
+            return _produce_train(self.info, self.cfg, self.streams, self.epoch, self.batch)
+        source = _TrainSource(self.info, self.cfg, self.streams, self.epoch, self.batch)
+        # An own generator: the DataLoader would otherwise draw its base seed from the trainer's global RNG.
+        loader = DataLoader(source, batch_size=None, num_workers=self.cfg.loader_workers,
+                            generator=torch.Generator().manual_seed(0))
+        return iter(loader)
+
+    def _assemble(self, chunks: list[_Chunk]) -> Batch:
+        images = _to_float(torch.cat([c.images for c in chunks]))
+        labels = [label for c in chunks for label in c.labels]
+        targets = _targets(labels, self.info.num_classes)
+        if self.cfg.mixup > 0:
+            per_stream = self.cfg.global_batch // self.cfg.streams
+            for j, c in enumerate(self.streams):
+                lam = float(_rng(_MIXUP, self.cfg.seed, self.epoch, self.batch, c).beta(self.cfg.mixup,
+                                                                                          self.cfg.mixup))
+                rows = slice(j * per_stream, (j + 1) * per_stream)
+                for t in (images, targets):
+                    part = t[rows]
+                    t[rows] = part * lam + part.flip(0) * (1 - lam)
+            images.clamp_(-1.0, 1.0)
+        return Batch(images, targets, [k for c in chunks for k in c.keys])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, **self._identity()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at the saved position. The order's identity must match: a different seed, number of streams,
+        global batch or dataset would give another sequence, so the saved position would mean nothing."""
+        mine = self._identity()
+        for name, value in mine.items():
+            if state.get(name) != value:
+                raise ValueError(
+                    f"data stream state: {name} was {state.get(name)!r} when saved, now {value!r}; the saved "
+                    "position belongs to another sample order (seed, data.streams, batch.global, the split and "
+                    "the dataset must stay fixed for the life of a run)"
+                )
+        if not 0 <= state["batch"] < self.batches_per_epoch or state["epoch"] < 0:
+            raise ValueError(f"data stream state: position (epoch {state['epoch']}, batch {state['batch']}) is "
+                             f"outside the {self.batches_per_epoch} batches of an epoch")
+        self.close()
+        self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
+
+    def close(self) -> None:
+        """Stop the loader processes (they also stop when the stream is garbage collected)."""
+        source, self._source = self._source, None
+        shutdown = getattr(source, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def _identity(self) -> dict[str, Any]:
+        return {"order": ORDER_VERSION, "seed": self.cfg.seed, "streams": self.cfg.streams,
+                "global_batch": self.cfg.global_batch, "split": self.cfg.split, "dataset": self._fingerprint}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _produce_eval(info: DatasetInfo, shards: list[Shard], image_size: int, resize: int,
+                  batch_size: int) -> Iterator[_Chunk]:
+    images, labels, keys = [], [], []
+    for shard in shards:
+        for _, sample in _read_shard(info, shard, None, shard.samples, info.multi_label):
+            images.append(_eval_image(sample, image_size, resize))
+            labels.append(sample.labels)
+            keys.append(sample.key)
+            if len(images) == batch_size:
+                yield _Chunk(torch.stack(images), labels, keys)
+                images, labels, keys = [], [], []
+    if images:
+        yield _Chunk(torch.stack(images), labels, keys)
+
+
+class _EvalSource(IterableDataset):
+    """A rank's eval shards for a DataLoader: loader process w reads every m-th of them."""
+
+    def __init__(self, info: DatasetInfo, shards: list[Shard], image_size: int, resize: int, batch_size: int):
+        self.info, self.shards, self.image_size, self.resize, self.batch_size = (info, shards, image_size, resize,
+                                                                                 batch_size)
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        worker = get_worker_info()
+        part, parts = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        return _produce_eval(self.info, self.shards[part::parts], self.image_size, self.resize, self.batch_size)
+
+
+def eval_batches(info: DatasetInfo, split: str, image_size: int, batch_size: int, rank: int, world_size: int,
+                 resize: int | None = None, loader_workers: int = 0) -> Iterator[Batch]:
+    """Every sample of `split` once, in a fixed order: rank r reads shards r::n (loader process w of them w::m);
+    short side resized to `resize` (default image_size * 8 / 7), centre crop, no augmentation."""
+    shards = info.split(split).shards[rank::world_size]
+    resize = resize or round(image_size * 8 / 7)
+    if resize < image_size:
+        raise ValueError(f"eval resize {resize} is smaller than the image size {image_size}; the centre crop needs "
+                         "at least image_size pixels on the short side")
+    if loader_workers:
+        source = _EvalSource(info, shards, image_size, resize, batch_size)
+        chunks: Iterator[_Chunk] = iter(DataLoader(source, batch_size=None, num_workers=loader_workers,
+                                                   generator=torch.Generator().manual_seed(0)))
+    else:
+        chunks = _produce_eval(info, shards, image_size, resize, batch_size)
+    for chunk in chunks:
+        yield Batch(_to_float(chunk.images), _targets(chunk.labels, info.num_classes), chunk.keys)
