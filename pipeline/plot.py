@@ -1,0 +1,98 @@
+"""`mixer plot`: one PNG of a run's curves (loss, learning rate, throughput, evaluation) from RUN/metrics.jsonl.
+
+The run may live at any fsspec URL; so may the PNG, which is written atomically (pipeline.storage).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from pipeline import storage
+
+
+class PlotError(ValueError):
+    """A run whose metrics cannot be plotted; the message names the file and what to do."""
+
+
+def read_metrics(run_url: str) -> list[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl in file order; a missing, empty or malformed file raises PlotError."""
+    url = storage.join(run_url, "metrics.jsonl")
+    try:
+        text = storage.read_bytes(url).decode()
+    except FileNotFoundError as e:
+        raise PlotError(
+            f"{url} does not exist: {run_url} is not a run folder, or its trainer has not logged yet "
+            "(metrics are published every 30 s and at each checkpoint)"
+        ) from e
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise PlotError(f"{url}, line {number}: not a JSON object ({e})") from e
+        if not isinstance(record, dict) or "step" not in record:
+            raise PlotError(f"{url}, line {number}: expected a JSON object with a 'step', got {line[:80]!r}")
+        records.append(record)
+    if not records:
+        raise PlotError(f"{url} holds no records yet; plot again once the run has logged a few steps")
+    return records
+
+
+def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get("kind", "train") == kind and r.get(key) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def render(records: list[dict[str, Any]], title: str = "") -> bytes:
+    """A 2x2 figure as PNG bytes: loss (train and eval), learning rate, images/s, eval top-1/top-5."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    loss_ax, lr_ax, speed_ax, acc_ax = axes.flat
+
+    loss_ax.plot(*_series(records, "train", "loss"), label="train")
+    loss_ax.plot(*_series(records, "eval", "loss"), "o-", label="eval")
+    loss_ax.set(title="loss", xlabel="step")
+    loss_ax.legend()
+
+    lr_ax.plot(*_series(records, "train", "lr"))
+    lr_ax.set(title="learning rate", xlabel="step")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+
+    speed_ax.plot(*_series(records, "train", "images_per_s"))
+    speed_ax.set(title="throughput (images/s, all workers)", xlabel="step")
+
+    # Multi-label runs log "prec1" too; it is the same number as their top-1.
+    multi_label = any("prec1" in r for r in records)
+    for key, label in (("top1", "top-1 (precision@1)" if multi_label else "top-1"), ("top5", "top-5")):
+        steps, values = _series(records, "eval", key)
+        if steps:
+            acc_ax.plot(steps, values, "o-", label=label)
+    acc_ax.set(title="evaluation", xlabel="step", ylim=(0, 1))
+    if acc_ax.lines:
+        acc_ax.legend()
+    else:
+        acc_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=acc_ax.transAxes)
+
+    if title:
+        fig.suptitle(title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plot_run(run_url: str, out: str | None = None) -> str:
+    """Plot RUN/metrics.jsonl to `out` (default RUN/plots/metrics.png); returns where the PNG went."""
+    run_url = run_url.rstrip("/")
+    out = out or storage.join(run_url, "plots", "metrics.png")
+    png = render(read_metrics(run_url), title=run_url)
+    storage.write_bytes_atomic(out, png)
+    return out
