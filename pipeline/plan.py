@@ -1,0 +1,291 @@
+"""`mixer plan`: what a spec needs before it runs: memory per GPU under ZeRO 1, 2 and 3, steps, checkpoint size, time.
+
+Model states, per parameter (the ZeRO paper's accounting). With bf16: the bf16 parameter (2 bytes) and gradient (2),
+the fp32 master copy (4) and the optimizer state (Adam m and v: 8; momentum SGD: 4). Without bf16 (fp32, e.g. on
+CPU) the parameter and gradient take 4 bytes each and there is no master copy. ZeRO-1 partitions the master copy and
+the optimizer state over the N ranks, ZeRO-2 the gradients too, ZeRO-3 the parameters too. With
+`deepspeed.offload_optimizer` the master copy and the optimizer state live in CPU memory instead.
+
+Activations, per image of the micro batch, counted from the Mixer's tensor shapes (S tokens, C channels, token-MLP
+width D_S, channel-MLP width D_C, L blocks), at 2 bytes (bf16) or 4 (fp32): what autograd keeps for the backward
+pass. Each block keeps the inputs and outputs of its two LayerNorms (4 x S x C) and the token and channel MLP hidden
+activations before and after GELU (2 x D_S x C + 2 x S x D_C); the stem keeps the image, the head the last
+LayerNorm's input and output and the fp32 logits. With activation checkpointing each block keeps only its input
+(S x C) and one block's activations are alive at a time, while it is recomputed. The estimate leaves out transient
+buffers (DeepSpeed's reduce/gather buckets, the CUDA context, allocator fragmentation): a plan over 90% of the GPU's
+memory is flagged as tight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from dataclasses import dataclass
+
+from pipeline import config as config_lib
+from pipeline import storage
+from pipeline.config import Spec
+from pipeline.model import VARIANTS, MixerConfig, count_params, num_tokens
+
+GiB = 2**30
+NATIVE_IMAGE_SIZE = 224  # the resolution official and pre-training checkpoints are saved at
+TIGHT_FRACTION = 0.9
+
+
+class PlanError(ValueError):
+    """A plan that cannot be made from what is known; the message says which option to add."""
+
+
+@dataclass
+class BytesPerParam:
+    param: int
+    grad: int
+    master: int
+    optim: int
+
+
+@dataclass
+class StageMemory:
+    """Bytes per GPU for one ZeRO stage."""
+
+    stage: int
+    params: float
+    grads: float
+    optimizer: float  # fp32 master copy + optimizer state
+    activations: float
+    activations_checkpointed: float
+
+    @property
+    def model_states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    def total(self, checkpointing: bool) -> float:
+        return self.model_states + (self.activations_checkpointed if checkpointing else self.activations)
+
+
+@dataclass
+class Plan:
+    spec_path: str
+    variant: str
+    image_size: int
+    num_classes: int
+    num_params: int
+    gpus: int
+    micro_batch: int
+    global_batch: int
+    bytes_per_param: BytesPerParam
+    stages: list[StageMemory]  # ZeRO 1, 2, 3
+    this_spec: StageMemory  # the spec's own ZeRO stage
+    train_samples: int | None
+    steps: int
+    checkpoint_bytes: int
+    export_bytes: int
+    images_per_s_per_gpu: float | None
+    gpu_memory_gib: float | None
+
+    @property
+    def wall_time_s(self) -> float | None:
+        if not self.images_per_s_per_gpu:
+            return None
+        return self.steps * self.global_batch / (self.images_per_s_per_gpu * self.gpus)
+
+
+def bytes_per_param(spec: Spec) -> BytesPerParam:
+    optim_state = 8 if spec.optim.name == "adam" else 4
+    if spec.deepspeed.bf16:
+        return BytesPerParam(param=2, grad=2, master=4, optim=optim_state)
+    return BytesPerParam(param=4, grad=4, master=0, optim=optim_state)
+
+
+def model_config(spec: Spec) -> MixerConfig:
+    """The Mixer the trainer will build. Weights loaded from model.init at a larger image size are expanded from the
+    native 224 px (paper Appendix C): the token-MLP width grows by k^2."""
+    cfg = VARIANTS[spec.model.variant]
+    if spec.model.init and spec.model.image_size > NATIVE_IMAGE_SIZE:
+        k = spec.model.image_size // NATIVE_IMAGE_SIZE
+        cfg = dataclasses.replace(cfg, tokens_mlp_dim=cfg.tokens_mlp_dim * k * k)
+    return cfg
+
+
+def activation_bytes(cfg: MixerConfig, image_size: int, num_classes: int, micro_batch: int, element_bytes: int,
+                     checkpointing: bool) -> float:
+    """Bytes autograd keeps for one micro batch (see the module docstring for what is counted)."""
+    s, c = num_tokens(cfg, image_size), cfg.hidden_dim
+    per_block = 4 * s * c + 2 * cfg.tokens_mlp_dim * c + 2 * s * cfg.channels_mlp_dim
+    stem = 3 * image_size * image_size
+    head = 2 * s * c
+    if checkpointing:
+        blocks = cfg.num_blocks * s * c + per_block
+    else:
+        blocks = cfg.num_blocks * per_block
+    logits = 4 * num_classes  # fp32 for the loss
+    return micro_batch * ((stem + blocks + head) * element_bytes + logits)
+
+
+def stage_memory(stage: int, num_params: int, bpp: BytesPerParam, gpus: int, offload_optimizer: bool,
+                 activations: float, activations_checkpointed: float) -> StageMemory:
+    params = num_params * bpp.param / (gpus if stage >= 3 else 1)
+    grads = num_params * bpp.grad / (gpus if stage >= 2 else 1)
+    optimizer = 0.0 if offload_optimizer else num_params * (bpp.master + bpp.optim) / (gpus if stage >= 1 else 1)
+    return StageMemory(stage, params, grads, optimizer, activations, activations_checkpointed)
+
+
+def train_split_samples(spec: Spec) -> int:
+    from pipeline import dataset_json
+
+    try:
+        info = dataset_json.load(spec.data.dataset)
+        return info.split(spec.data.train_split).samples
+    except Exception as e:
+        raise PlanError(
+            f"data.dataset: cannot read {spec.data.dataset}/dataset.json ({type(e).__name__}: {e}); "
+            "pass --train-samples N (and --num-classes K) to plan without it"
+        ) from e
+
+
+def dataset_classes(spec: Spec) -> int:
+    from pipeline import dataset_json
+
+    try:
+        return dataset_json.load(spec.data.dataset).num_classes
+    except Exception as e:
+        raise PlanError(
+            f"model.num_classes is not set and {spec.data.dataset}/dataset.json cannot be read "
+            f"({type(e).__name__}: {e}); pass --num-classes K"
+        ) from e
+
+
+def measured_images_per_s_per_gpu(run_url: str) -> float:
+    """Median throughput of a run's logged train steps, per GPU (per worker on CPU runs)."""
+    from pipeline.plot import PlotError, read_metrics
+
+    try:
+        records = read_metrics(run_url)
+    except PlotError as e:
+        raise PlanError(str(e)) from e
+    speeds = [r["images_per_s"] for r in records if r.get("kind", "train") == "train" and r.get("images_per_s")]
+    if not speeds:
+        raise PlanError(f"{run_url}/metrics.jsonl has no images_per_s yet; pass --images-per-sec instead")
+    saved = storage.join(run_url, "config.yaml")
+    try:
+        import yaml
+
+        run_spec = config_lib.from_dict(yaml.safe_load(storage.read_bytes(saved)))
+    except FileNotFoundError as e:
+        raise PlanError(f"{saved} does not exist: cannot tell how many GPUs measured that throughput") from e
+    devices = run_spec.cluster.workers * max(run_spec.cluster.gpus_per_worker, 1)
+    return statistics.median(speeds) / devices
+
+
+def make_plan(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib: float | None = None,
+              images_per_s_per_gpu: float | None = None, train_samples: int | None = None,
+              num_classes: int | None = None) -> Plan:
+    if gpus <= 0:
+        raise PlanError(f"--gpus must be positive, got {gpus}")
+    classes = spec.model.num_classes or num_classes or dataset_classes(spec)
+    cfg = model_config(spec)
+    n = count_params(cfg, spec.model.image_size, classes)
+    bpp = bytes_per_param(spec)
+    element = 2 if spec.deepspeed.bf16 else 4
+    acts = activation_bytes(cfg, spec.model.image_size, classes, spec.batch.micro, element, False)
+    acts_ckpt = activation_bytes(cfg, spec.model.image_size, classes, spec.batch.micro, element, True)
+    stages = [stage_memory(z, n, bpp, gpus, spec.deepspeed.offload_optimizer, acts, acts_ckpt)
+              for z in (1, 2, 3, spec.deepspeed.zero_stage)]
+
+    s = spec.schedule
+    if s.total_steps is not None:
+        steps, samples = s.total_steps, train_samples
+    else:
+        samples = train_samples or train_split_samples(spec)
+        # As the trainer counts: whole global batches per epoch (the tail is dropped), epochs may be fractional.
+        steps = math.ceil(s.epochs * (samples // spec.batch.global_))
+
+    # A DeepSpeed checkpoint holds the module weights (at the parameter dtype) and the optimizer shards (fp32 master
+    # copy and state); the export is fp32 weights.
+    checkpoint_bytes = n * (bpp.param + bpp.master + bpp.optim)
+    return Plan(
+        spec_path=spec_path, variant=spec.model.variant, image_size=spec.model.image_size, num_classes=classes,
+        num_params=n, gpus=gpus, micro_batch=spec.batch.micro, global_batch=spec.batch.global_,
+        bytes_per_param=bpp, stages=stages[:3], this_spec=stages[3],
+        train_samples=samples, steps=steps, checkpoint_bytes=checkpoint_bytes, export_bytes=4 * n,
+        images_per_s_per_gpu=images_per_s_per_gpu, gpu_memory_gib=gpu_memory_gib,
+    )
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _fit(total: float, gpu_memory_gib: float | None) -> str:
+    if gpu_memory_gib is None:
+        return ""
+    if total > gpu_memory_gib * GiB:
+        return "DOES NOT FIT"
+    if total > TIGHT_FRACTION * gpu_memory_gib * GiB:
+        return "tight"
+    return "fits"
+
+
+def format_duration(seconds: float) -> str:
+    days, rem = divmod(int(seconds), 86400)
+    hours, rem = divmod(rem, 3600)
+    return f"{days}d {hours}h {rem // 60}m" if days else f"{hours}h {rem // 60}m"
+
+
+def render(plan: Plan, spec: Spec) -> str:
+    b = plan.bytes_per_param
+    dtype = "bf16" if spec.deepspeed.bf16 else "fp32"
+    parts = [f"{dtype} param {b.param}", f"{dtype} grad {b.grad}"]
+    if b.master:
+        parts.append(f"fp32 master {b.master}")
+    parts.append(("Adam m,v " if spec.optim.name == "adam" else "SGD momentum ") + str(b.optim))
+    lines = [
+        f"plan for {plan.spec_path or 'spec'}: Mixer-{plan.variant} at {plan.image_size} px, {plan.num_classes:,} "
+        f"classes, micro batch {plan.micro_batch}, global batch {plan.global_batch}, {plan.gpus} GPUs",
+        f"parameters: {plan.num_params:,}; {sum(vars(b).values())} bytes each while training ({' + '.join(parts)})",
+    ]
+    if spec.deepspeed.offload_optimizer:
+        lines.append("optimizer offloaded to CPU: the master copy and optimizer state are not in GPU memory")
+    header = (f"{'ZeRO':>4}  {'params':>8}  {'grads':>8}  {'optimizer':>9}  {'states':>8}  {'activations':>11}  "
+              f"{'act.ckpt':>8}  {'total':>8}  {'total ckpt':>10}")
+    if plan.gpu_memory_gib:
+        header += f"  fits {plan.gpu_memory_gib:g} GiB (no ckpt / ckpt)"
+    lines += ["", "memory per GPU (GiB)", header]
+    for st in plan.stages:
+        row = (f"{st.stage:>4}  {_gib(st.params):>8}  {_gib(st.grads):>8}  {_gib(st.optimizer):>9}  "
+               f"{_gib(st.model_states):>8}  {_gib(st.activations):>11}  {_gib(st.activations_checkpointed):>8}  "
+               f"{_gib(st.total(False)):>8}  {_gib(st.total(True)):>10}")
+        if plan.gpu_memory_gib:
+            row += f"  {_fit(st.total(False), plan.gpu_memory_gib)} / {_fit(st.total(True), plan.gpu_memory_gib)}"
+        lines.append(row)
+    chosen = plan.this_spec
+    ckpt = spec.model.activation_checkpointing
+    lines.append(f"this spec: ZeRO-{spec.deepspeed.zero_stage}, activation checkpointing "
+                 f"{'on' if ckpt else 'off'}: {_gib(chosen.total(ckpt))} GiB per GPU "
+                 f"{_fit(chosen.total(ckpt), plan.gpu_memory_gib)}".rstrip())
+    lines.append("")
+    s = spec.schedule
+    if s.total_steps is not None:
+        lines.append(f"steps: {plan.steps:,} (schedule.total_steps), warmup {s.warmup_steps:,}")
+    else:
+        lines.append(f"steps: {plan.steps:,} = {s.epochs:g} epochs x {plan.train_samples:,} samples // "
+                     f"{plan.global_batch} per step, warmup {s.warmup_steps:,}")
+    lines.append(f"checkpoint: {plan.checkpoint_bytes / 1e9:.2f} GB per step "
+                 f"(weights {plan.num_params * b.param / 1e9:.2f} GB + optimizer "
+                 f"{plan.num_params * (b.master + b.optim) / 1e9:.2f} GB); "
+                 f"fp32 export {plan.export_bytes / 1e9:.2f} GB")
+    if plan.wall_time_s is not None:
+        total = plan.images_per_s_per_gpu * plan.gpus
+        lines.append(f"time: {format_duration(plan.wall_time_s)} at {plan.images_per_s_per_gpu:,.1f} images/s per "
+                     f"GPU x {plan.gpus} = {total:,.0f} images/s (assumes linear scaling)")
+    else:
+        lines.append("time: pass --images-per-sec X (per GPU) or --from-run RUN to estimate the wall time")
+    return "\n".join(lines)
+
+
+def to_json(plan: Plan) -> str:
+    d = dataclasses.asdict(plan)
+    d["wall_time_s"] = plan.wall_time_s
+    return json.dumps(d, indent=2)
