@@ -1,0 +1,174 @@
+"""One output shard: read its inputs, turn them into samples, write a byte-reproducible tar, publish it, record it.
+
+The tar is built in a local temporary file and made visible at `DEST/<name>` only when complete; its stats
+(`DEST/_progress/<name>.json`: samples, bytes, sha256, rejected inputs) are written after it, also atomically.
+A shard counts as done only when its stats exist and the published tar still matches them, so a crash at any
+point costs at most the shard in progress, which the next run redoes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from data_prep.images import Encoded, ImagePolicy, Rejected, process
+from data_prep.plan import ShardPlan
+from data_prep.sources import Item, read_item
+from pipeline import storage
+
+PROGRESS = "_progress"
+# Lets the resume tests kill the worker process in the middle of a shard: when this names a marker file that
+# does not exist yet, the first shard to get here creates it and kills its own process.
+KILL_ONCE_ENV = "MIXER_PREP_KILL_ONCE"
+READ_THREADS = 8
+READ_AHEAD = 32
+HASH_CHUNK = 1 << 20
+
+
+def shard_url(dest: str, name: str) -> str:
+    return storage.join(dest, name)
+
+
+def stats_url(dest: str, name: str) -> str:
+    return storage.join(dest, PROGRESS, name.removesuffix(".tar") + ".json")
+
+
+def sha256_of(url: str) -> tuple[int, str]:
+    """(size, sha256) of the object at `url`, streamed."""
+    fs, path = storage.filesystem(url)
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def completed(dest: str, name: str) -> dict[str, Any] | None:
+    """The stats of a shard already written and intact, or None when it must be (re)done."""
+    try:
+        stats = storage.read_json(stats_url(dest, name))
+    except (FileNotFoundError, ValueError):
+        return None
+    if stats.get("samples") == 0:
+        return stats
+    fs, path = storage.filesystem(shard_url(dest, name))
+    try:
+        if fs.size(path) != stats.get("bytes"):
+            return None
+    except FileNotFoundError:
+        return None
+    return stats if sha256_of(shard_url(dest, name))[1] == stats.get("sha256") else None
+
+
+def write_shard(
+    shard: ShardPlan, dest: str, policy: ImagePolicy, classes: list[str], multi_label: bool
+) -> dict[str, Any]:
+    """Make one shard unless it is already complete; return its stats (with "skipped" true when it was)."""
+    done = completed(dest, shard.name)
+    if done is not None:
+        return {**done, "skipped": True}
+    started = time.perf_counter()
+    rejected: list[dict[str, str]] = []
+    samples = kept = input_bytes = 0
+    with tempfile.TemporaryDirectory(prefix="mixer-shard-") as tmp:
+        local = os.path.join(tmp, shard.name)
+        with tarfile.open(local, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for (key, item), data in zip(shard.samples, _read_ahead([item for _, item in shard.samples]),
+                                         strict=True):
+                try:
+                    if isinstance(data, Rejected):
+                        raise data
+                    encoded = process(data, policy)
+                except Rejected as r:
+                    rejected.append({"source": item.source, "reason": r.reason, "detail": r.detail})
+                    continue
+                _add_sample(tar, key, item, encoded, len(data), classes, multi_label)
+                samples += 1
+                kept += not encoded.meta["changes"]
+                input_bytes += len(data)
+        stats: dict[str, Any] = {"name": shard.name, "split": shard.split, "inputs": len(shard.samples),
+                                 "samples": samples, "bytes": 0, "sha256": None}
+        if samples:
+            size, digest = sha256_of(local)
+            stats.update(bytes=size, sha256=digest)
+            _maybe_kill_self()
+            storage.put_file_atomic(local, shard_url(dest, shard.name))
+    stats.update(rejected=rejected, kept_original=kept, input_bytes=input_bytes,
+                 seconds=round(time.perf_counter() - started, 3))
+    storage.write_json_atomic(stats_url(dest, shard.name), stats)
+    return {**stats, "skipped": False}
+
+
+def _read_ahead(items: list[Item]) -> Iterator[bytes | Rejected]:
+    """The inputs' bytes in order, fetched a few at a time in threads: object stores answer slowly but in parallel."""
+    with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+        pending: deque[Future] = deque()
+        upcoming = iter(items)
+        for item in upcoming:
+            pending.append(pool.submit(_read_one, item))
+            if len(pending) >= READ_AHEAD:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                pending.append(pool.submit(_read_one, nxt))
+            yield result
+
+
+def _read_one(item: Item) -> bytes | Rejected:
+    try:
+        return read_item(item)
+    except Rejected as r:
+        return r
+
+
+def _add_sample(
+    tar: tarfile.TarFile, key: str, item: Item, encoded: Encoded, source_bytes: int, classes: list[str],
+    multi_label: bool,
+) -> None:
+    meta: dict[str, Any] = {"source": item.source, "source_bytes": source_bytes, **encoded.meta}
+    if multi_label:
+        meta = {"labels": list(item.labels), "classes": [classes[i] for i in item.labels], **meta}
+    else:
+        meta = {"class": classes[item.labels[0]], **meta}
+    if item.fields:
+        meta["fields"] = item.fields
+    _add_member(tar, f"{key}.{encoded.ext}", encoded.data)
+    if not multi_label:
+        _add_member(tar, f"{key}.cls", str(item.labels[0]).encode())
+    _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    # Fixed owner, mode and time: the same samples give the same bytes on any machine, any day.
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _maybe_kill_self() -> None:
+    marker = os.environ.get(KILL_ONCE_ENV)
+    if not marker:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)

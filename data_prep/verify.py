@@ -1,0 +1,140 @@
+"""`mixer verify DS`: read every shard back with the stock webdataset reader and check it against dataset.json.
+
+Per shard: size, sha256 and sample count as recorded; every sample has an image and its label(s); labels are in
+range; keys are unique across the whole dataset. Overall: inputs = samples + rejected, and rejected.jsonl has one
+line per rejected input. Each problem is reported with the shard it was found in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import webdataset as wds
+
+from pipeline import dataset_json, storage
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+@dataclass
+class ShardCheck:
+    name: str
+    samples: int = 0
+    bytes: int = 0
+    sha256: str = ""
+    keys: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+class _HashingReader:
+    """A read-only stream that hashes and counts every byte passing through it."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def check_shard(info: dataset_json.DatasetInfo, shard: dataset_json.Shard) -> ShardCheck:
+    url = info.shard_url(shard)
+    check = ShardCheck(shard.name)
+    fs, path = storage.filesystem(url)
+    try:
+        with fs.open(path, "rb") as f:
+            stream = _HashingReader(f)
+            source = {"url": url, "stream": stream}
+            for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([source])):
+                check.samples += 1
+                check.keys.append(sample["__key__"])
+                problem = _check_sample(sample, info)
+                if problem:
+                    check.problems.append(f"{shard.name}: sample {sample['__key__']}: {problem}")
+            stream.drain()  # the tar reader stops at the end-of-archive marker; the hash covers the whole object
+    except FileNotFoundError:
+        check.problems.append(f"{shard.name}: missing ({url})")
+        return check
+    except Exception as e:  # any reader failure is a finding about this shard, not a crash of the report
+        check.problems.append(f"{shard.name}: unreadable by webdataset: {type(e).__name__}: {e}")
+        return check
+    check.bytes, check.sha256 = stream.size, stream.sha.hexdigest()
+    if check.bytes != shard.bytes:
+        check.problems.append(f"{shard.name}: {check.bytes} bytes, dataset.json says {shard.bytes}")
+    if check.sha256 != shard.sha256:
+        check.problems.append(f"{shard.name}: sha256 {check.sha256[:12]}..., dataset.json says {shard.sha256[:12]}...")
+    if check.samples != shard.samples:
+        check.problems.append(f"{shard.name}: {check.samples} samples, dataset.json says {shard.samples}")
+    return check
+
+
+def _check_sample(sample: dict[str, Any], info: dataset_json.DatasetInfo) -> str | None:
+    if "." in sample["__key__"].rsplit("/", 1)[-1]:
+        return "key contains a dot"
+    images = [ext for ext in IMAGE_EXTS if ext in sample]
+    if len(images) != 1:
+        return f"expected one image ({'/'.join(IMAGE_EXTS)}), found {len(images)}"
+    if not sample[images[0]]:
+        return "empty image"
+    if info.multi_label:
+        if "json" not in sample:
+            return "no .json with labels"
+        labels = json.loads(sample["json"]).get("labels")
+        if not isinstance(labels, list) or not labels:
+            return f".json has no labels list (got {labels!r})"
+    else:
+        if "cls" not in sample:
+            return "no .cls label"
+        text = sample["cls"].decode().strip()
+        if not text.isdigit():
+            return f".cls is not a decimal integer: {text!r}"
+        labels = [int(text)]
+    bad = [label for label in labels if not isinstance(label, int) or not 0 <= label < info.num_classes]
+    if bad:
+        return f"labels {bad} outside 0..{info.num_classes - 1}"
+    return None
+
+
+def verify(url: str, threads: int = 8) -> tuple[list[str], dict[str, Any]]:
+    """All problems found in the dataset at `url` (empty when it is sound) and a summary of what was read."""
+    info = dataset_json.load(url)
+    shards = [shard for split in info.splits.values() for shard in split.shards]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        checks = list(pool.map(lambda s: check_shard(info, s), shards))
+    problems = [p for c in checks for p in c.problems]
+
+    owner: dict[str, str] = {}
+    for c in checks:
+        for key in c.keys:
+            if key in owner:
+                problems.append(f"{c.name}: key {key} also appears in {owner[key]}")
+            else:
+                owner[key] = c.name
+    if info.inputs != info.samples + info.rejected:
+        problems.append(f"dataset.json: inputs {info.inputs} != samples {info.samples} + rejected {info.rejected}")
+    try:
+        lines = [line for line in storage.read_bytes(storage.join(info.url, "rejected.jsonl")).splitlines() if line]
+        if len(lines) != info.rejected:
+            problems.append(f"rejected.jsonl: {len(lines)} entries, dataset.json says {info.rejected}")
+    except FileNotFoundError:
+        problems.append(f"rejected.jsonl: missing from {info.url}")
+    summary = {
+        "url": info.url,
+        "shards": len(shards),
+        "samples": sum(c.samples for c in checks),
+        "bytes": sum(c.bytes for c in checks),
+        "classes": info.num_classes,
+        "multi_label": info.multi_label,
+    }
+    return problems, summary
