@@ -1,7 +1,199 @@
-"""Placeholder: this command group is being written."""
+"""`mixer submit`, `mixer jobs`, `mixer plan` and `mixer plot`: running on a cluster, and looking before and after."""
+
+from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import sys
+
+SUBMIT_EPILOG = """\
+examples:
+  mixer submit jobs/mixer_b16_i21k.yaml --address http://HEAD:8265 --follow
+  mixer submit jobs/quickstart.yaml --set run.url=s3://bucket/runs/q1 --workers 4
+  RAY_AUTH_TOKEN=$(ssh HEAD ray get-auth-token) mixer submit ...
+
+The address is the head's dashboard (default: RAY_API_SERVER_ADDRESS, or RAY_ADDRESS when it is an http URL).
+The token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token. Credentials for object storage are never sent: the
+cluster's environment or instance role provides them.
+"""
+
+
+def _address_option(p: argparse.ArgumentParser) -> None:
+    from pipeline.jobs import default_address
+
+    p.add_argument("--address", default=default_address(),
+                   help="Ray dashboard URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)",
+                       description="Validate a job spec, then submit `mixer train` with it to a Ray cluster, carrying "
+                                   "this package's source and the resolved spec.",
+                       epilog=SUBMIT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("spec", help="job spec YAML (see jobs/)")
+    _address_option(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec key (repeatable)")
+    p.add_argument("--workers", type=int, default=None, help="number of training workers (cluster.workers)")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 0 on success")
+    p.set_defaults(func=run_submit)
+
+    j = sub.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster",
+                       description="Jobs on a Ray cluster: list, status ID, logs ID [--follow], stop ID.")
+    actions = j.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = actions.add_parser("list", help="every job: id, status, start time, spec, run")
+    _address_option(a)
+    a.set_defaults(func=run_jobs_list)
+    a = actions.add_parser("status", help="one job's status and metadata")
+    a.add_argument("job_id")
+    _address_option(a)
+    a.set_defaults(func=run_jobs_status)
+    a = actions.add_parser("logs", help="one job's logs")
+    a.add_argument("job_id")
+    a.add_argument("--follow", action="store_true", help="keep streaming until the job ends")
+    _address_option(a)
+    a.set_defaults(func=run_jobs_logs)
+    a = actions.add_parser("stop", help="stop a job and wait until it has stopped")
+    a.add_argument("job_id")
+    _address_option(a)
+    a.set_defaults(func=run_jobs_stop)
+
+    p = sub.add_parser("plan", help="memory per GPU (ZeRO 1/2/3), steps, checkpoint size and time for a spec",
+                       description="Estimate, before running, what a spec needs on N GPUs: model states and "
+                                   "activations per GPU for ZeRO 1, 2 and 3 (with and without activation "
+                                   "checkpointing), the number of steps, the checkpoint size and the wall time.")
+    p.add_argument("spec")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (one training worker each)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="flag what does not fit in this")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--images-per-sec", type=float, default=None, metavar="X",
+                       help="training throughput per GPU, for the wall time")
+    speed.add_argument("--from-run", default=None, metavar="RUN",
+                       help="take the throughput per GPU measured by a run (RUN/metrics.jsonl)")
+    p.add_argument("--train-samples", type=int, default=None, metavar="N",
+                   help="train split size, when the dataset is not reachable from here")
+    p.add_argument("--num-classes", type=int, default=None, metavar="K",
+                   help="classes, when neither model.num_classes nor the dataset gives them")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run_plan)
+
+    p = sub.add_parser("plot", help="plot a run's loss, lr, throughput and eval curves to a PNG",
+                       description="Plot RUN/metrics.jsonl (any URL) to a PNG.")
+    p.add_argument("run", help="run folder URL")
+    p.add_argument("--out", default=None, help="PNG path or URL (default: RUN/plots/metrics.png)")
+    p.set_defaults(func=run_plot)
+
+
+def _fail(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+    from pipeline.config import SpecError
+
+    try:
+        job_id = jobs.submit(args.spec, args.address, args.overrides, args.workers)
+        if not args.follow:
+            print(f"follow it with: mixer jobs logs {job_id} --follow --address {args.address}")
+            return 0
+        status = jobs.follow(args.address, job_id)
+    except (SpecError, jobs.JobsError) as e:
+        return _fail(e)
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _time(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def run_jobs_list(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    try:
+        found = jobs.list_jobs(args.address)
+    except jobs.JobsError as e:
+        return _fail(e)
+    print(f"{'job':<44}  {'status':<10}  {'started':<19}  {'spec':<32}  run")
+    for job in found:
+        meta = job.metadata or {}
+        job_id = job.submission_id or job.job_id
+        print(f"{job_id:<44}  {job.status.value:<10}  {_time(job.start_time):<19}  {meta.get('spec', '-'):<32}  "
+              f"{meta.get('run_url', '-')}")
+    return 0
+
+
+def run_jobs_status(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    try:
+        info = jobs.job_info(args.address, args.job_id)
+    except jobs.JobsError as e:
+        return _fail(e)
+    print(f"job {args.job_id}: {info.status.value}")
+    print(f"  started   {_time(info.start_time)}")
+    print(f"  ended     {_time(info.end_time)}")
+    if info.message:
+        print(f"  message   {info.message}")
+    print(f"  metadata  {json.dumps(info.metadata or {})}")
+    return 0
+
+
+def run_jobs_logs(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    try:
+        if args.follow:
+            status = jobs.follow(args.address, args.job_id)
+            print(f"job {args.job_id}: {status}")
+            return 0 if status == "SUCCEEDED" else 1
+        print(jobs.job_logs(args.address, args.job_id), end="")
+    except jobs.JobsError as e:
+        return _fail(e)
+    return 0
+
+
+def run_jobs_stop(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    try:
+        status = jobs.stop(args.address, args.job_id)
+    except jobs.JobsError as e:
+        return _fail(e)
+    print(f"job {args.job_id}: {status}")
+    return 0 if status == "STOPPED" else 1
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from pipeline import config, plan
+    from pipeline.config import SpecError
+
+    try:
+        spec = config.load(args.spec, args.overrides)
+        speed = args.images_per_sec
+        if args.from_run:
+            speed = plan.measured_images_per_s_per_gpu(args.from_run)
+        result = plan.make_plan(spec, args.gpus, spec_path=args.spec, gpu_memory_gib=args.gpu_memory,
+                                images_per_s_per_gpu=speed, train_samples=args.train_samples,
+                                num_classes=args.num_classes)
+    except (SpecError, plan.PlanError) as e:
+        return _fail(e)
+    print(plan.to_json(result) if args.json else plan.render(result, spec))
+    return 0
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from pipeline.plot import PlotError, plot_run
+
+    try:
+        out = plot_run(args.run, args.out)
+    except PlotError as e:
+        return _fail(e)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,220 @@
+"""Submitting and following training jobs on a Ray cluster through the Ray Jobs API (the head's dashboard port).
+
+A submission carries this package's source and the resolved spec as the job's working_dir and runs
+`python -m pipeline.cli train spec.yaml` on the cluster, where RAY_ADDRESS is set by Ray so the trainer joins that
+cluster. Credentials never travel with a job: the spec holds none, and the runtime environment copies no AWS_*
+variable; the cluster's own environment or instance role provides them.
+
+Ray 2.60 protects the Jobs API with a token. It is read, as Ray's own clients do, from RAY_AUTH_TOKEN, then the file
+named by RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token, and sent as a bearer header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from pipeline import config as config_lib
+from pipeline.config import Spec
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# What a job needs of this repository; everything else (.venv, out/, tests/, benchmarks) stays behind.
+SOURCE_PACKAGES = ("pipeline", "data_prep")
+SPEC_NAME = "spec.yaml"
+# Spec keys that may hold a path; a relative local path means nothing on a cluster, so it is made absolute.
+PATH_KEYS = (("data", "dataset"), ("run", "url"), ("model", "init"))
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class JobsError(RuntimeError):
+    """A submission or job request that failed; the message says what to do."""
+
+
+def auth_token() -> tuple[str | None, str]:
+    """The cluster token and where it came from, looked up where Ray's clients look (first found wins)."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token, "RAY_AUTH_TOKEN"
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if path and Path(path).is_file():
+            token = Path(path).read_text().strip()
+            if token:
+                return token, str(path)
+    return None, ""
+
+
+def token_message(address: str) -> str:
+    token, source = auth_token()
+    problem = (f"refused the token from {source}" if token else
+               "requires an authentication token and none was found (RAY_AUTH_TOKEN, ~/.ray/auth_token)")
+    return (
+        f"the Ray cluster at {address} {problem}. Provide the cluster's token with\n"
+        "  export RAY_AUTH_TOKEN=<token>        or save it to ~/.ray/auth_token (chmod 600)\n"
+        "Read it on the head node with `ray get-auth-token` (or `cat ~/.ray/auth_token` there); for the local stack "
+        "of infra/local/start.sh it is in its env file; on KubeRay it is in the cluster's auth-token Secret."
+    )
+
+
+@contextlib.contextmanager
+def _translate_errors(address: str) -> Iterator[None]:
+    from ray.exceptions import AuthenticationError
+
+    try:
+        yield
+    except AuthenticationError as e:
+        raise JobsError(token_message(address)) from e
+    except ConnectionError as e:
+        raise JobsError(f"cannot reach the Ray dashboard at {address} ({e}); check --address (the head's "
+                        "dashboard, usually http://HEAD:8265) and that the head is running") from e
+
+
+def connect(address: str) -> Any:
+    """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265), authenticated with the token."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not address:
+        raise JobsError("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
+    token, _ = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given; the explicit one must win.
+    hidden = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        with _translate_errors(address):
+            return JobSubmissionClient(address, headers=headers)
+    finally:
+        os.environ.update(hidden)
+
+
+def default_address() -> str | None:
+    """The dashboard address from the environment: RAY_API_SERVER_ADDRESS, or RAY_ADDRESS when it is an http URL."""
+    address = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if address:
+        return address
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if address.startswith(("http://", "https://")) else None
+
+
+def absolute_local_paths(spec: Spec, base: str) -> list[str]:
+    """Make relative local paths of the spec absolute (against `base`); returns the keys changed."""
+    changed = []
+    for section, key in PATH_KEYS:
+        part = getattr(spec, section)
+        value = getattr(part, key)
+        if value and "://" not in value and not os.path.isabs(value):
+            setattr(part, key, os.path.normpath(os.path.join(base, value)))
+            changed.append(f"{section}.{key}")
+    return changed
+
+
+def package_working_dir(spec: Spec, dest: str) -> str:
+    """Copy the job's source packages and the resolved spec into `dest` (the job's working_dir)."""
+    for name in SOURCE_PACKAGES:
+        src = REPO_ROOT / name
+        if not src.is_dir():
+            raise JobsError(f"{src} is missing: submit from a checkout of this repository")
+        shutil.copytree(src, os.path.join(dest, name), ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    Path(dest, SPEC_NAME).write_text(spec.to_yaml())
+    return dest
+
+
+def job_request(spec: Spec, spec_path: str, working_dir: str) -> dict[str, Any]:
+    """The submit_job arguments: entrypoint, runtime environment and metadata. No credentials in any of them."""
+    stem = Path(spec_path).stem.replace("_", "-")
+    return {
+        "submission_id": f"mixer-{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}",
+        "entrypoint": f"python -m pipeline.cli train {SPEC_NAME}",
+        "runtime_env": {"working_dir": working_dir, "env_vars": {"PYTHONUNBUFFERED": "1"}},
+        "metadata": {"spec": os.path.basename(spec_path), "spec_hash": spec.hash(), "run_url": spec.run.url,
+                     "variant": spec.model.variant, "workers": str(spec.cluster.workers)},
+    }
+
+
+def submit(spec_path: str, address: str, overrides: list[str] | None = None, workers: int | None = None,
+           out: TextIO = sys.stdout) -> str:
+    """Validate the spec here, then submit it as a Ray job; returns the job's submission id."""
+    extra = list(overrides or [])
+    if workers is not None:
+        extra.append(f"cluster.workers={workers}")
+    spec = config_lib.load(spec_path, extra)
+    changed = absolute_local_paths(spec, os.getcwd())
+    if changed:
+        print(f"note: {', '.join(changed)} made absolute; local paths only work on a cluster that shares this "
+              "filesystem (use s3:// URLs on a real cluster)", file=out)
+    client = connect(address)
+    with tempfile.TemporaryDirectory(prefix="mixer-job-") as tmp:
+        request = job_request(spec, spec_path, package_working_dir(spec, tmp))
+        with _translate_errors(address):
+            job_id = client.submit_job(**request)
+    print(f"submitted {job_id}: Mixer-{spec.model.variant} on {spec.cluster.workers} workers, run {spec.run.url}",
+          file=out)
+    return job_id
+
+
+def follow(address: str, job_id: str, out: TextIO = sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status (SUCCEEDED, FAILED or STOPPED)."""
+    client = connect(address)
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    with _translate_errors(address):
+        asyncio.run(tail())
+        # The log stream can close a moment before the status is final.
+        deadline = time.monotonic() + 30
+        status = str(client.get_job_status(job_id).value)
+        while status not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = str(client.get_job_status(job_id).value)
+    return status
+
+
+def list_jobs(address: str) -> list[Any]:
+    client = connect(address)
+    with _translate_errors(address):
+        return sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+
+
+def job_info(address: str, job_id: str) -> Any:
+    client = connect(address)
+    with _translate_errors(address), _unknown_job(job_id):
+        return client.get_job_info(job_id)
+
+
+def job_logs(address: str, job_id: str) -> str:
+    client = connect(address)
+    with _translate_errors(address), _unknown_job(job_id):
+        return client.get_job_logs(job_id)
+
+
+def stop(address: str, job_id: str, wait_s: float = 60.0) -> str:
+    """Ask the job to stop and wait until it has; returns its final status."""
+    client = connect(address)
+    with _translate_errors(address), _unknown_job(job_id):
+        client.stop_job(job_id)
+        deadline = time.monotonic() + wait_s
+        status = str(client.get_job_status(job_id).value)
+        while status not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.5)
+            status = str(client.get_job_status(job_id).value)
+    return status
+
+
+@contextlib.contextmanager
+def _unknown_job(job_id: str) -> Iterator[None]:
+    try:
+        yield
+    except RuntimeError as e:
+        if "does not exist" in str(e) or "404" in str(e):
+            raise JobsError(f"no job {job_id!r} on this cluster; `mixer jobs list` shows the job ids") from e
+        raise
