@@ -139,6 +139,8 @@ def read_item(item: Item) -> bytes:
     try:
         if item.offset < 0:
             return fs.cat_file(path)
+        if item.size == 0:
+            return b""  # an empty byte range means "to the end" to some stores
         data = fs.cat_file(path, start=item.offset, end=item.offset + item.size)
     except FileNotFoundError as e:
         raise Rejected("missing", f"file not found: {item.url}") from e
@@ -203,6 +205,11 @@ def _list_tar(fs, path: str) -> tuple[list[_Raw], dict[str, str] | None]:
             # Members listed before the damage are still good; what follows cannot be found, so say so.
             detail = f"the tar cannot be read past member {len(raws)} ({e}); later members are lost"
             return raws, {"source": f"{name}/<after member {len(raws)}>", "reason": "unreadable", "detail": detail}
+        end = tar.offset
+    if end + 2 * tarfile.BLOCKSIZE > fs.size(path):
+        # tarfile takes a cut-off header for the end of the archive; a complete tar ends with two zero blocks.
+        detail = f"the tar ends without its end-of-archive marker after member {len(raws)}; it was cut short"
+        return raws, {"source": f"{name}/<after member {len(raws)}>", "reason": "truncated", "detail": detail}
     return raws, None
 
 

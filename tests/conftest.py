@@ -68,3 +68,31 @@ def ray_cluster(s3_endpoint: str):
     yield cluster
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_dataset(ray_cluster, tmp_path_factory) -> str:
+    """A small single-label dataset made by `mixer prepare` on the test cluster; returns its URL.
+    8 classes x 45 learnable images (short side at most 40): train 16 shards x 20, val 2 shards x 20 (5 per class)."""
+    from pipeline import cli
+
+    root = tmp_path_factory.mktemp("sample_dataset")
+    raw, ds = str(root / "raw"), str(root / "ds")
+    assert cli.main(["make-sample-data", raw, "--layout", "imagefolder", "--classes", "8", "--per-class", "45"]) == 0
+    assert cli.main(["prepare", raw, ds, "--max-size", "40", "--shard-size", "20", "--val-per-class", "5",
+                     "--no-progress"]) == 0
+    return ds
+
+
+@pytest.fixture(scope="session")
+def sample_multilabel_dataset(ray_cluster, tmp_path_factory) -> str:
+    """A small multi-label dataset (manifest layout, `{key}.json` with "labels") made by `mixer prepare`.
+    8 classes x 30 images, a quarter of them with 2-3 labels: train 11 shards, val 2 shards (3 per class)."""
+    from pipeline import cli
+
+    root = tmp_path_factory.mktemp("sample_multilabel_dataset")
+    raw, ds = str(root / "raw"), str(root / "ds")
+    assert cli.main(["make-sample-data", raw, "--layout", "manifest", "--classes", "8", "--per-class", "30"]) == 0
+    assert cli.main(["prepare", f"{raw}/manifest.jsonl", ds, "--max-size", "40", "--shard-size", "20",
+                     "--val-per-class", "3", "--no-progress"]) == 0
+    return ds
