@@ -56,7 +56,7 @@ class DataSpec:
     mixup: float = 0.0
     # The global sample order is cut into this many independent streams; it depends on (dataset, seed, epoch,
     # global batch, streams) and never on the world size. workers x max(loader_workers, 1) must divide it.
-    streams: int = 64
+    streams: int = 512
     loader_workers: int = 2
     eval_resize: int | None = None  # short side before the centre crop; None: image_size * 8 / 7
 
@@ -210,6 +210,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value

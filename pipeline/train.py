@@ -92,7 +92,7 @@ def build_model(spec: Spec, num_classes: int) -> torch.nn.Module:
             src = export(src, os.path.join(_scratch_dir(), "init.safetensors"), format="safetensors")
         net = convert.load_weights(src, num_classes=num_classes, image_size=spec.model.image_size, **model_kwargs(spec))
         if spec.model.init_head == "reset":
-            net.reset_head(spec.model.head_bias)
+            net.reset_head()
         return net
     return model.build(spec.model.variant, num_classes=num_classes, image_size=spec.model.image_size,
                        **model_kwargs(spec))
@@ -233,7 +233,6 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
     import deepspeed
 
     from pipeline.checkpoint import CheckpointStore
-    from pipeline.model import forward_flops
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not dist.is_initialized():
@@ -252,7 +251,7 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
     plan = make_plan(spec, info, world_size, stream.batches_per_epoch)
     seed_everything(spec.seed, 0, rank)
     net = build_model(spec, plan.num_classes)
-    flops_per_image = 3 * forward_flops(net)
+    flops_per_image = 3 * net.forward_flops()
     ds_cfg = deepspeed_config(spec, plan, world_size, on_gpu)
     optimizer = None
     if spec.optim.name == "sgd":
@@ -293,7 +292,7 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
     def save(at_step: int) -> None:
         client = {"stream": stream.state_dict(), "step": at_step, "spec_hash": spec.hash(),
                   "world_size": world_size, "zero_stage": spec.deepspeed.zero_stage}
-        meta = {"model_config": net.config_dict(), "spec_hash": spec.hash(), "world_size": world_size,
+        meta = {"model_config": net.init_kwargs(), "spec_hash": spec.hash(), "world_size": world_size,
                 "zero_stage": spec.deepspeed.zero_stage, "step": at_step, "time": time.time()}
         store.save(engine, at_step, client_state=client, rank_state={"rng": rng_state()}, meta=meta)
         mlog.flush()

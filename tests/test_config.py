@@ -61,7 +61,7 @@ def test_hash_ignores_cluster_size_but_not_the_recipe(example):
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: got 4 (int); expected one of 0, 1, 2, 3"),
         ("batch.global=4000", "not divisible by batch.micro x cluster.workers = 64 x 64"),
         ("model.variant=Q/7", "model.variant: unknown variant 'Q/7'"),
-        ("data.streams=48", "data.streams=48 is not divisible by cluster.workers x max(data.loader_workers, 1)"),
+        ("data.streams=64", "data.streams=64 is not divisible by cluster.workers x max(data.loader_workers, 1)"),
         ("schedule.total_steps=10", "give exactly one of schedule.epochs or schedule.total_steps"),
         ("cluster.gpus_per_worker=0", "bf16 needs GPUs"),
     ],
