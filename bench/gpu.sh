@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Training-speed benchmark for a GPU machine:  OUT=/some/dir bash bench/gpu.sh   (OUT defaults to ./out/gpu)
+#
+# Runs bench/model.py from the repository root: our MlpMixer and timm's, eager and torch.compile'd, B/16, L/16 and
+# H/14 at 224 in bf16 autocast, plus a DeepSpeed ZeRO-1 row when deepspeed imports. Writes $OUT/bench.json and
+# $OUT/table.txt (both rewritten after every row, so a stopped run keeps what it finished), $OUT/bench.log and
+# $OUT/env.txt, and prints the table. Rows not started within BUDGET seconds are skipped; the whole run is stopped
+# after LIMIT seconds.
+# Without a CUDA device it runs the tiny variant on CPU instead. Installs nothing.
+#
+# Overrides: PYTHON, VARIANTS (B/16,L/16,H/14), BATCH (512,256,96), BUDGET (360), LIMIT (450).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+
+OUT="${OUT:-./out/gpu}"
+mkdir -p "$OUT" || exit 2
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+# Fewer fragmentation OOMs when rows of different sizes follow each other in one process.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+LOG="$OUT/bench.log"
+: > "$LOG"
+say() { echo "$*" | tee -a "$LOG"; }
+
+# One interpreter start for every question about the environment: importing torch is the slow part.
+if ! PROBE="$("$PYTHON" -c "
+import shlex, sys, torch, timm
+cuda = torch.cuda.is_available()
+print('CUDA=' + ('1' if cuda else '0'))
+print('CARD=' + shlex.quote(torch.cuda.get_device_name(0) if cuda else 'none (CPU run)'))
+print('TORCH_VERSION=' + torch.__version__)
+print('PY_VERSION=' + sys.version.split()[0])
+print('TIMM_VERSION=' + timm.__version__)
+print('CUDA_VERSION=' + str(torch.version.cuda))
+" 2>> "$LOG")"; then
+    say "error: $PYTHON cannot import torch and timm (see $LOG)"
+    exit 2
+fi
+eval "$PROBE"
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "host: $(uname -a)"
+    echo "python $PY_VERSION | torch $TORCH_VERSION | cuda $CUDA_VERSION | timm $TIMM_VERSION"
+    nvidia-smi 2>/dev/null || echo "nvidia-smi: not available"
+} > "$OUT/env.txt" 2>&1
+
+if [ "$CUDA" = 1 ]; then
+    ARGS=(--device cuda --variants "${VARIANTS:-B/16,L/16,H/14}" --batch "${BATCH:-512,256,96}"
+          --time-budget "${BUDGET:-360}")
+    LIMIT="${LIMIT:-450}"
+else
+    ARGS=(--device cpu --threads 1 --variants tiny --image-size 32 --batch 32 --time-budget "${BUDGET:-240}")
+    LIMIT="${LIMIT:-300}"
+fi
+say "card: $CARD | torch $TORCH_VERSION | $(date -u +%Y-%m-%dT%H:%M:%SZ) | out: $OUT"
+
+rm -f "$OUT/bench.json" "$OUT/table.txt"
+timeout -k 15 "$LIMIT" "$PYTHON" bench/model.py "${ARGS[@]}" --json "$OUT/bench.json" --table "$OUT/table.txt" 2>&1 \
+    | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    say "bench/model.py ran past ${LIMIT}s and was stopped; the rows it finished are in $OUT/bench.json"
+elif [ "$rc" -ne 0 ]; then
+    say "bench/model.py exited with $rc (see $LOG)"
+fi
+
+if [ -s "$OUT/table.txt" ]; then
+    # bench/model.py prints this table at its end (exit 0, or 1 when a row failed); a killed run did not get there.
+    if [ "$rc" -gt 1 ]; then echo; cat "$OUT/table.txt"; fi
+else
+    say "no rows: bench/model.py wrote no $OUT/table.txt"
+    [ "$rc" -eq 0 ] && rc=1
+fi
+exit "$rc"
