@@ -87,10 +87,10 @@ def make_plan(listing: Listing, options: PlanOptions) -> Plan:
 
 
 def _split(listing: Listing, options: PlanOptions) -> dict[str, list[Item]]:
-    by_class: dict[int, list[Item]] = {}
-    for item in listing.items:
-        by_class.setdefault(item.labels[0], []).append(item)
-    val_ids = set()
+    by_class: dict[int, list[int]] = {}
+    for index, item in enumerate(listing.items):
+        by_class.setdefault(item.labels[0], []).append(index)
+    held_out: set[int] = set()
     for label, members in sorted(by_class.items()):
         if options.val_per_class is not None:
             n_val = min(options.val_per_class, len(members))
@@ -100,10 +100,10 @@ def _split(listing: Listing, options: PlanOptions) -> dict[str, list[Item]]:
             n_val = 0
         # Each class draws its own held-out set, so adding a class does not reshuffle the others.
         picked = np.random.default_rng([options.seed, 1 << 20, label]).permutation(len(members))[:n_val]
-        val_ids.update(id(members[i]) for i in picked)
+        held_out.update(members[i] for i in picked)
     return {
-        "train": [item for item in listing.items if id(item) not in val_ids],
-        "val": [item for item in listing.items if id(item) in val_ids],
+        "train": [item for index, item in enumerate(listing.items) if index not in held_out],
+        "val": [item for index, item in enumerate(listing.items) if index in held_out],
     }
 
 

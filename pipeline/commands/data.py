@@ -40,17 +40,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dest", metavar="DEST", help="where the shards and dataset.json go")
     p.add_argument("--layout", default="auto", choices=["auto", "imagefolder", "i21k-tars", "manifest"],
                    help="source layout (default: detected)")
-    p.add_argument("--max-size", type=int, default=256, help="largest short side in pixels; never upscaled")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (shards are balanced)")
+    p.add_argument("--max-size", type=int, default=256,
+                   help="largest short side in pixels, never upscaled (default 256)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="samples per shard; shards are balanced (default 1000)")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val-per-class", type=int, metavar="N", help="hold out N images per class as 'val'")
     val.add_argument("--val-fraction", type=float, metavar="F", help="hold out this fraction of each class")
     p.add_argument("--workers", type=int, help="shard tasks in flight (default: the cluster's CPUs)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle (default 0)")
     p.add_argument("--ray-address", help="join this Ray cluster (default: start Ray in-process)")
     p.add_argument("--classes-file", help="class names, one per line, in head order (default: sorted names)")
-    p.add_argument("--retries", type=int, default=4, help="retries per shard, with exponential backoff")
+    p.add_argument("--retries", type=int, default=4, help="retries per shard, with exponential backoff (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_prepare)
 

@@ -1,0 +1,148 @@
+"""Data prep throughput per core: `mixer prepare` (Ray tasks) against a plain single-process PIL loop.
+
+Both sides turn the same generated photo-like JPEGs (500x375 up to 1600x1200, quality 90) into JPEGs whose short
+side is 256 (quality 95) inside tar shards. The baseline opens each file with PIL, resizes it (bicubic), re-encodes
+it and writes it with webdataset's TarWriter. Ours is `data_prep.prepare` with Ray in-process, one task per shard.
+Per core means per CPU second: the CPU time of every process involved (for ours the driver, Ray's own processes
+and its workers) over the images made, so other load on the machine does not count against either side.
+
+    python bench/prep.py --images 2000 --json out/bench-prep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import psutil
+import ray
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_prep.images import target_size  # noqa: E402
+from data_prep.prepare import PrepareOptions, prepare  # noqa: E402
+
+CLASSES = 10
+MAX_SIZE = 256
+QUALITY = 95
+SHARD_SIZE = 100
+# Common camera and web sizes between 500x375 and 1600x1200, landscape and portrait.
+SIZES = [(500, 375), (640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]
+
+
+def photo(seed: int) -> bytes:
+    """A JPEG-friendly picture: smooth colour fields, a few hard-edged shapes and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    w, h = SIZES[int(rng.integers(len(SIZES)))]
+    if rng.random() < 0.25:
+        w, h = h, w
+    coarse = (rng.random((h // 64 + 2, w // 64 + 2, 3)) * 255).astype(np.uint8)
+    im = Image.fromarray(coarse).resize((w, h), Image.Resampling.BICUBIC)
+    pixels = np.asarray(im, np.int16)
+    for _ in range(6):
+        cy, cx, r = int(rng.integers(h)), int(rng.integers(w)), int(rng.integers(h // 20, h // 5))
+        y0, y1, x0, x1 = max(cy - r, 0), min(cy + r, h), max(cx - r, 0), min(cx + r, w)
+        pixels[y0:y1, x0:x1] = rng.integers(0, 256, 3)
+    noise = rng.integers(-6, 7, (h, w, 1), dtype=np.int16)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def write_photos(root: str, n: int) -> int:
+    for c in range(CLASSES):
+        os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
+    with Pool(os.cpu_count()) as pool:
+        total = 0
+        for i, data in enumerate(pool.imap(photo, range(n), chunksize=16)):
+            with open(os.path.join(root, f"class{i % CLASSES:02d}", f"img{i:06d}.jpg"), "wb") as f:
+                f.write(data)
+            total += len(data)
+    return total
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and every process below it (Ray's raylet, GCS, workers...)."""
+    total = 0.0
+    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def baseline(root: str, out: str) -> int:
+    import webdataset as wds
+
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+    with wds.TarWriter(os.path.join(out, "baseline.tar")) as sink:
+        for i, path in enumerate(files):
+            im = Image.open(path).convert("RGB")
+            im = im.resize(target_size(*im.size, MAX_SIZE), Image.Resampling.BICUBIC)
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=QUALITY)
+            sink.write({"__key__": f"{i:08d}", "jpg": buf.getvalue(), "cls": str(i % CLASSES).encode()})
+    return len(files)
+
+
+def measure(run) -> dict[str, float]:
+    cpu, wall = tree_cpu_seconds(), time.perf_counter()
+    images = run()
+    cpu, wall = tree_cpu_seconds() - cpu, time.perf_counter() - wall
+    return {"images": images, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "cores": round(cpu / wall, 2),
+            "images_per_s": round(images / wall, 1), "images_per_s_per_core": round(images / cpu, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="shard tasks in flight for ours")
+    parser.add_argument("--json", default=None, help="write the result here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp:
+        raw, warm = os.path.join(tmp, "raw"), os.path.join(tmp, "warm")
+        t0 = time.perf_counter()
+        size = write_photos(raw, args.images)
+        write_photos(warm, 2 * args.workers)
+        print(f"generated {args.images} JPEGs ({size / args.images / 1e3:.0f} kB on average) in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+        base = measure(lambda: baseline(raw, tmp))
+        # address="local": a fresh instance of our own, never a cluster some other process left running.
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=args.workers, include_dashboard=False,
+                 log_to_driver=False)
+        # Start the Ray workers and their imports before timing: a long job pays that once.
+        options = PrepareOptions(max_size=MAX_SIZE, quality=QUALITY, shard_size=1)
+        prepare(warm, os.path.join(tmp, "warm-ds"), options, workers=args.workers, progress=False)
+        options = PrepareOptions(max_size=MAX_SIZE, quality=QUALITY, shard_size=SHARD_SIZE)
+        ours = measure(lambda: prepare(raw, os.path.join(tmp, "ds"), options, workers=args.workers,
+                                       progress=False)["samples"]["train"])
+
+    print(f"{'':10} {'images':>7} {'wall s':>7} {'cpu s':>7} {'cores':>6} {'img/s':>8} {'img/s/core':>11}")
+    for side, m in (("baseline", base), ("ours", ours)):
+        print(f"{side:10} {m['images']:7d} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['cores']:6.2f} "
+              f"{m['images_per_s']:8.1f} {m['images_per_s_per_core']:11.1f}")
+    ratio = ours["images_per_s_per_core"] / base["images_per_s_per_core"]
+    print(f"ratio (images/s per core, ours / baseline): {ratio:.2f}")
+    if args.json:
+        result = {"name": "prep", "ours": ours["images_per_s_per_core"], "baseline": base["images_per_s_per_core"],
+                  "unit": "images/s/core", "ratio": round(ratio, 3), "workers": args.workers,
+                  "details": {"ours": ours, "baseline": base}}
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
