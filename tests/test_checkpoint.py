@@ -1,0 +1,498 @@
+"""The checkpoint store against a real S3 endpoint (moto) with real DeepSpeed ranks (processes on CPU/gloo).
+
+Rank processes run this file as a script (`python tests/test_checkpoint.py SCENARIO CONFIG`), like torchrun would
+start a trainer: RANK/WORLD_SIZE/MASTER_* in the environment, the AWS_* variables inherited from the test session.
+Three groups of rank processes run once per module, one after the other, and the tests share their results:
+  g0  1 rank: unbroken runs (ZeRO 2 and 3: train, save at step 3, train on), a damaged step, retention; then it
+      commits step 1 of another run and is killed with SIGKILL while step 2 uploads;
+  g1  2 ranks: unbroken runs; resumes of them on 2 ranks (bitwise); resumes of g0's runs (1 -> 2, universal);
+  g2  1 rank: resumes of g1's runs (2 -> 1, universal); the killed run resumed and saved again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 8
+SAVE_AT = 3
+STEPS_AFTER = 5
+MODEL_CONFIG = {"image_size": 8, "patch_size": 4, "hidden_dim": 16, "num_blocks": 2, "tokens_mlp_dim": 8,
+                "channels_mlp_dim": 32, "num_classes": 5}
+BIG_BUFFER = 16 * 2**20  # floats: a 64 MB model-state file, so that its upload takes long enough to be killed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rank side
+
+
+def _engine(stage: int, big: bool = False):
+    import deepspeed
+    import torch
+
+    from pipeline.model import MlpMixer
+
+    torch.manual_seed(0)
+    net = MlpMixer(**MODEL_CONFIG)
+    if big:
+        net.register_buffer("ballast", torch.ones(BIG_BUFFER))
+    world = int(os.environ["WORLD_SIZE"])
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01)
+    engine, *_ = deepspeed.initialize(
+        model=net, optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
+        config={"train_batch_size": GLOBAL_BATCH, "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
+                "gradient_accumulation_steps": 1, "zero_optimization": {"stage": stage},
+                "steps_per_print": 10**9})
+    return engine
+
+
+def _train(engine, steps: range) -> list[float]:
+    """Steps on a global batch that is a function of the step only; returns the all-reduced losses."""
+    import torch
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = GLOBAL_BATCH // world
+    losses = []
+    for step in steps:
+        g = torch.Generator().manual_seed(1000 + step)
+        x = torch.randn(GLOBAL_BATCH, 3, 8, 8, generator=g)
+        y = torch.randint(0, MODEL_CONFIG["num_classes"], (GLOBAL_BATCH,), generator=g)
+        sl = slice(rank * per_rank, (rank + 1) * per_rank)
+        loss = torch.nn.functional.cross_entropy(engine(x[sl]), y[sl])
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def _snapshot(engine) -> dict:
+    """This rank's fp32 master partitions and optimizer state, exactly as held."""
+    inner = engine.optimizer.optimizer
+    params = [p.detach().clone() for group in inner.param_groups for p in group["params"]]
+    state = [{k: (v.clone() if hasattr(v, "clone") else v) for k, v in inner.state[p].items()}
+             for group in inner.param_groups for p in group["params"]]
+    return {"params": params, "state": state, "lr": engine.get_lr(), "global_steps": engine.global_steps}
+
+
+def _gathered_state(engine) -> dict:
+    import deepspeed
+
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        return {n: p.detach().clone() for n, p in params.items()}
+
+
+def _client(step: int) -> dict:
+    return {"step": step, "stream": {"epoch": 0, "position": step * GLOBAL_BATCH}}
+
+
+def _rank_state(rank: int) -> dict:
+    import torch
+
+    return {"rank": rank, "rng": torch.get_rng_state()}
+
+
+def _save(store, engine, step: int) -> None:
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store.save(engine, step, client_state=_client(step), rank_state=_rank_state(rank),
+               meta={"model_config": MODEL_CONFIG, "world_size": world})
+
+
+def _unbroken_run(cfg: dict, name: str, stage: int) -> dict:
+    """Train, save at SAVE_AT (snapshotting this rank's optimizer there), keep training."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.checkpoint import CheckpointStore
+
+    engine = _engine(stage)
+    store = CheckpointStore(f"{cfg['bucket']}/{name}", staging_dir=cfg["staging"])
+    before = _train(engine, range(SAVE_AT))
+    _save(store, engine, SAVE_AT)
+    torch.save(_snapshot(engine), f"{cfg['tmp']}/{name}-rank{dist.get_rank()}.pt")
+    if stage == 3:
+        gathered = _gathered_state(engine)
+        if dist.get_rank() == 0:
+            torch.save(gathered, f"{cfg['tmp']}/{name}-gathered.pt")
+    after = _train(engine, range(SAVE_AT, SAVE_AT + STEPS_AFTER))
+    store.wait()
+    return {"before": before, "after": after}
+
+
+def _resume(cfg: dict, name: str, stage: int) -> dict:
+    """A fresh engine loads the run's newest step (snapshotting this rank's optimizer) and trains on."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.checkpoint import CheckpointStore
+
+    engine = _engine(stage)
+    step, client, rank_state = CheckpointStore(f"{cfg['bucket']}/{name}", staging_dir=cfg["staging"]).load(engine)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.save(_snapshot(engine), f"{cfg['tmp']}/{name}-resumed-on-{world}-rank{rank}.pt")
+    rank_state_ranks = [None] * world
+    dist.all_gather_object(rank_state_ranks, None if rank_state is None else rank_state["rank"])
+    return {"step": step, "client": client, "rank_state": rank_state, "rank_state_ranks": rank_state_ranks,
+            "after": _train(engine, range(SAVE_AT, SAVE_AT + STEPS_AFTER))}
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def scenario_g0(cfg: dict) -> dict:
+    """1 rank: unbroken runs, a damaged step, retention; then the save that the test kills."""
+    import fsspec
+    import torch
+
+    from pipeline.checkpoint import CheckpointError, CheckpointStore
+
+    out: dict = {"unbroken": {stage: _unbroken_run(cfg, f"g0-z{stage}", stage) for stage in (2, 3)}}
+
+    # Corruption: alter one file of the newest step in the bucket.
+    engine = _engine(2)
+    store = CheckpointStore(f"{cfg['bucket']}/corrupt", staging_dir=cfg["staging"])
+    for step in (1, 2):
+        _train(engine, range(step - 1, step))
+        _save(store, engine, step)
+        store.wait()
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    fs, path = fsspec.core.url_to_fs(f"{store.step_url(2)}/{name}")
+    data = bytearray(fs.cat_file(path))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(path, bytes(data))
+    engine = _engine(2)
+    try:
+        store.load(engine, step=2)
+        explicit = None
+    except CheckpointError as e:
+        explicit = str(e)
+    handler = _Warnings()
+    logging.getLogger("pipeline.checkpoint").addHandler(handler)
+    step, client, _ = store.load(engine)
+    out["corrupt"] = {"name": name, "explicit_error": explicit, "fallback_step": step, "client": client,
+                      "warnings": handler.messages}
+
+    # Retention: keep the last 2 and every 3rd; an older half-written step goes too.
+    store = CheckpointStore(f"{cfg['bucket']}/retain", keep_last=2, keep_every=3, staging_dir=cfg["staging"])
+    fs, path = fsspec.core.url_to_fs(store.url)
+    fs.pipe_file(f"{path}/step-000000000/mp_rank_00_model_states.pt", b"half written")
+    for step in range(1, 8):
+        _save(store, engine, step)
+    store.wait()
+    out["retain"] = {"committed": [i.step for i in store.list()],
+                     "folders": sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))}
+    torch.save(out, cfg["result"])
+
+    # The kill: commit step 1, then save step 2 and say so; the test kills this process while step 2 uploads.
+    engine = _engine(2, big=True)
+    store = CheckpointStore(cfg["kill_run"], staging_dir=cfg["staging"])
+    _train(engine, range(1))
+    _save(store, engine, 1)
+    store.wait()
+    _train(engine, range(1, 2))
+    _save(store, engine, 2)
+    print("SAVE_RETURNED", flush=True)
+    time.sleep(300)
+    raise AssertionError("not killed")
+
+
+def scenario_g1(cfg: dict) -> dict:
+    """2 ranks: unbroken runs; same-world-size resumes; resumes of g0's 1-rank runs (1 -> 2)."""
+    out: dict = {"unbroken": {}, "same": {}, "up": {}}
+    for stage in (2, 3):
+        out["unbroken"][stage] = _unbroken_run(cfg, f"g1-z{stage}", stage)
+        out["same"][stage] = _resume(cfg, f"g1-z{stage}", stage)
+        out["up"][stage] = _resume(cfg, f"g0-z{stage}", stage)
+    return out
+
+
+def scenario_g2(cfg: dict) -> dict:
+    """1 rank: resumes of g1's 2-rank runs (2 -> 1); the killed run resumed and saved again."""
+    from pipeline.checkpoint import CheckpointStore
+
+    out: dict = {"down": {stage: _resume(cfg, f"g1-z{stage}", stage) for stage in (2, 3)}}
+    engine = _engine(2, big=True)
+    store = CheckpointStore(cfg["kill_run"], staging_dir=cfg["staging"])
+    step, _, _ = store.load(engine)
+    _save(store, engine, 2)
+    store.wait()
+    listed = store.list(verify=True)
+    out["kill_resume"] = {"loaded": step, "committed": [i.step for i in listed],
+                          "verified": [i.verified for i in listed]}
+    return out
+
+
+def _rank_main(scenario: str, config_path: str) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    cfg = json.loads(Path(config_path).read_text())
+    deepspeed.init_distributed("gloo")
+    out = globals()[f"scenario_{scenario}"](cfg)
+    if dist.get_rank() == 0:
+        torch.save(out, cfg["result"])
+    dist.barrier()
+    # The result is on disk: skip the interpreter's teardown of torch, which takes seconds on a busy machine.
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# test side
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(scenario: str, world: int, cfg: dict, tmp: Path) -> tuple[list[subprocess.Popen], Path]:
+    cfg = {**cfg, "result": str(tmp / f"{scenario}-result.pt"), "tmp": str(tmp)}
+    config_path = tmp / f"{scenario}.json"
+    config_path.write_text(json.dumps(cfg))
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(config_path)], env=env, cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs, Path(cfg["result"])
+
+
+def _run(scenario: str, world: int, cfg: dict, tmp: Path, timeout: float = 300) -> dict:
+    import torch
+
+    procs, result = _start(scenario, world, cfg, tmp)
+    logs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        logs.append(out)
+    if any(p.returncode for p in procs):
+        raise AssertionError(f"{scenario} failed:\n" + "\n".join(log[-6000:] for log in logs))
+    return torch.load(result, weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def env(s3_endpoint, tmp_path_factory):
+    import boto3
+
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    tmp = tmp_path_factory.mktemp("checkpoint")
+    return {"bucket": f"s3://{name}", "staging": str(tmp / "staging"), "kill_run": f"s3://{name}/killed"}, tmp
+
+
+@pytest.fixture(scope="module")
+def g0(env):
+    """Run g0; once its last save has returned and step 2 has started to appear in the bucket, SIGKILL it."""
+    import fsspec
+    import torch
+
+    cfg, tmp = env
+    (proc,), result = _start("g0", 1, cfg, tmp)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("SAVE_RETURNED"):
+                break
+        else:
+            raise AssertionError("g0 ended before its last save:\n" + "".join(lines[-80:]))
+        fs, path = fsspec.core.url_to_fs(f"{cfg['kill_run']}/checkpoints/step-000000002")
+        deadline = time.monotonic() + 60
+        while not fs.exists(f"{path}/meta.json") and time.monotonic() < deadline:
+            fs.invalidate_cache()
+            time.sleep(0.005)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fs.invalidate_cache()
+    out = torch.load(result, weights_only=False)
+    out["killed"] = {"files": sorted(p.rsplit("/", 1)[-1] for p in fs.find(path)), "returncode": proc.returncode}
+    return out
+
+
+@pytest.fixture(scope="module")
+def g1(env, g0):
+    cfg, tmp = env
+    return _run("g1", 2, cfg, tmp)
+
+
+@pytest.fixture(scope="module")
+def g2(env, g1):
+    cfg, tmp = env
+    return _run("g2", 1, cfg, tmp)
+
+
+def _equal(a, b) -> bool:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_same_world_size_resume_is_bitwise(env, g1, stage):
+    import torch
+
+    _, tmp = env
+    same = g1["same"][stage]
+    assert same["step"] == SAVE_AT and same["client"] == _client(SAVE_AT)
+    assert same["rank_state_ranks"] == [0, 1], "each rank gets back the state it saved"
+    for rank in (0, 1):
+        saved = torch.load(tmp / f"g1-z{stage}-rank{rank}.pt", weights_only=False)
+        loaded = torch.load(tmp / f"g1-z{stage}-resumed-on-2-rank{rank}.pt", weights_only=False)
+        assert _equal(loaded["params"], saved["params"]), f"rank {rank}: fp32 master weights differ after load"
+        assert _equal(loaded["state"], saved["state"]), f"rank {rank}: optimizer state differs after load"
+        assert loaded["lr"] == saved["lr"] and loaded["global_steps"] == saved["global_steps"] == SAVE_AT
+    assert same["after"] == g1["unbroken"][stage]["after"], "losses after resume differ from the unbroken run"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_another_world_size(g0, g1, g2, stage):
+    import numpy as np
+
+    up = g1["up"][stage]
+    assert up["step"] == SAVE_AT and up["client"] == _client(SAVE_AT) and up["rank_state"] is None
+    np.testing.assert_allclose(up["after"], g0["unbroken"][stage]["after"], rtol=1e-5, atol=0)
+    down = g2["down"][stage]
+    assert down["step"] == SAVE_AT and down["client"] == _client(SAVE_AT) and down["rank_state"] is None
+    np.testing.assert_allclose(down["after"], g1["unbroken"][stage]["after"], rtol=1e-5, atol=0)
+    # The check has teeth: the runs do change from step to step.
+    assert len(set(down["after"])) == STEPS_AFTER
+
+
+def test_universal_form_is_stored_next_to_the_step(env, g2):
+    from pipeline import storage
+
+    cfg, _ = env
+    for run, world in (("g0", 1), ("g1", 2)):
+        for stage in (2, 3):
+            step = f"{cfg['bucket']}/{run}-z{stage}/checkpoints/step-000000003"
+            manifest = storage.read_json(f"{step}/universal/manifest.json")
+            assert manifest["world_size"] == world and any(n.startswith("zero/") for n in manifest["files"])
+
+
+def test_kill_during_upload_leaves_previous_step(env, g0, g2):
+    from pipeline import storage
+    from pipeline.checkpoint import CheckpointStore
+
+    cfg, _ = env
+    killed = g0["killed"]
+    assert killed["returncode"] == -signal.SIGKILL
+    # Step 2 had started to appear (meta.json) but never got its manifest; the resume saw step 1 only.
+    assert "meta.json" in killed["files"] and "manifest.json" not in killed["files"]
+    resumed = g2["kill_resume"]
+    assert resumed["loaded"] == 1
+    assert resumed["committed"] == [1, 2] and resumed["verified"] == [True, True]
+    assert storage.read_bytes(f"{cfg['kill_run']}/checkpoints/latest").decode().strip() == "step-000000002"
+    assert CheckpointStore(cfg["kill_run"]).latest() == 2
+
+
+def test_partial_step_is_invisible(env):
+    from pipeline import storage
+    from pipeline.checkpoint import CheckpointError, CheckpointStore
+
+    cfg, _ = env
+    run = f"{cfg['bucket']}/partial"
+    storage.write_json_atomic(f"{run}/checkpoints/step-000000001/manifest.json",
+                              {"step": 1, "time": "t", "world_size": 1, "zero_stage": 2, "files": {}})
+    storage.write_bytes_atomic(f"{run}/checkpoints/step-000000002/meta.json", b"{}")
+    store = CheckpointStore(run)
+    assert [i.step for i in store.list()] == [1] and store.latest() == 1
+    with pytest.raises(CheckpointError, match="no committed checkpoint for step 2"):
+        store.load(None, step=2)
+
+
+def test_altered_file_is_refused_and_load_falls_back(g0):
+    corrupt = g0["corrupt"]
+    assert corrupt["explicit_error"] is not None and corrupt["name"] in corrupt["explicit_error"]
+    assert "sha256" in corrupt["explicit_error"]
+    assert corrupt["fallback_step"] == 1 and corrupt["client"] == _client(1)
+    assert any(corrupt["name"] in w and "step-000000001" in w for w in corrupt["warnings"])
+
+
+def test_retention_keeps_last_and_every_nth(g0):
+    assert g0["retain"]["committed"] == [3, 6, 7]
+    assert g0["retain"]["folders"] == ["latest", "step-000000003", "step-000000006", "step-000000007"]
+
+
+def test_export_zero3_equals_gathered_weights(env, g1, tmp_path):
+    import numpy as np
+    import timm
+    import torch
+
+    from pipeline import convert
+    from pipeline.cli import main
+
+    cfg, tmp = env
+    gathered = torch.load(tmp / "g1-z3-gathered.pt")
+    out = f"{cfg['bucket']}/g1-z3/exports/step-3.safetensors"
+    assert main(["export", f"{cfg['bucket']}/g1-z3", out]) == 0
+    model = convert.load_safetensors(out)
+    state = model.state_dict()
+    assert state.keys() == gathered.keys()
+    for name, value in gathered.items():
+        assert torch.equal(state[name], value), name
+
+    assert main(["export", f"{cfg['bucket']}/g1-z3/checkpoints/step-000000003", str(tmp_path / "w.pth"),
+                 "--format", "timm"]) == 0
+    ref = timm.models.mlp_mixer.MlpMixer(num_classes=5, img_size=8, patch_size=4, num_blocks=2, embed_dim=16,
+                                         mlp_ratio=(0.5, 2.0))
+    ref.load_state_dict(torch.load(tmp_path / "w.pth"))
+    assert main(["export", f"{cfg['bucket']}/g1-z3", str(tmp_path / "w.npz"), "--format", "npz"]) == 0
+    arrays = np.load(tmp_path / "w.npz")
+    np.testing.assert_array_equal(arrays["head/kernel"], gathered["head.weight"].numpy().T)
+
+
+def test_cli_list_and_verify(env, g0, capsys):
+    from pipeline.cli import main
+
+    cfg, _ = env
+    assert main(["checkpoints", "list", f"{cfg['bucket']}/retain"]) == 0
+    table = capsys.readouterr().out
+    assert [line.split()[0] for line in table.splitlines()[1:]] == ["3", "6", "7"]
+    assert main(["checkpoints", "list", f"{cfg['bucket']}/corrupt", "--verify"]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[-1]) for r in rows] == [("1", "yes"), ("2", "NO")]
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1], sys.argv[2])
