@@ -22,8 +22,8 @@ Pixels. Sample i of stream c in epoch e is augmented from its own seed, derived 
 seeded per sample), then (x - 127.5) / 127.5. JPEGs are decoded with libjpeg-turbo (simplejpeg) at the smallest DCT
 scale that still leaves the crop at least `image_size` pixels, so large sources decode at a fraction of the cost.
 Mixup (when > 0) mixes each stream's chunk of a batch with itself reversed, with lam ~ Beta(a, a) from
-rng(seed, e, b, c); targets (one-hot or multi-hot) are mixed alike. Augmentation runs on one intra-op thread in
-every process, so the bits do not depend on where a sample is computed.
+rng(seed, e, b, c); targets (one-hot or multi-hot) are mixed alike. The bits do not depend on where a sample is
+computed (main or loader process, any number of torch threads).
 
 Memory. A stream holds one window of encoded samples at a time: a rank holds about C/n * WINDOW shards' bytes.
 
@@ -37,7 +37,6 @@ crop, no augmentation, every sample once.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -166,7 +165,8 @@ def _stream_windows(split: Split, seed: int, epoch: int, stream: int, start: int
     while pos < stop:
         shard_begin = int(ends[k]) - split.shards[perm[k]].samples
         piece_end = min(int(ends[k]), stop)
-        pieces.append(_Piece(int(perm[k]), pos - shard_begin, piece_end - shard_begin))
+        if piece_end > pos:  # an empty shard adds no piece
+            pieces.append(_Piece(int(perm[k]), pos - shard_begin, piece_end - shard_begin))
         pos, k = piece_end, k + 1
     windows = []
     for w in range(0, len(pieces), WINDOW):
@@ -199,7 +199,7 @@ def _load_window(info: DatasetInfo, split: Split, pieces: list[_Piece], wanted: 
         in_piece = sorted(i - base + p.start for i in wanted if base <= i < base + p.stop - p.start)
         if in_piece:
             shard = split.shards[p.shard]
-            for index, sample in _read_shard(info, shard, set(in_piece), in_piece[-1] + 1, info.multi_label):
+            for index, sample in _read_shard(info, shard, set(in_piece), in_piece[-1] + 1):
                 loaded[base + index - p.start] = sample
         base += p.stop - p.start
     return loaded
@@ -216,8 +216,7 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: int,
-                multi_label: bool) -> Iterator[tuple[int, _Sample]]:
+def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: int) -> Iterator[tuple[int, _Sample]]:
     """Samples [0, stop) of a shard that are in `wanted` (None: all), streamed through fsspec. Members of other
     samples are passed over without being extracted; reading ends at `stop`."""
     url = info.shard_url(shard)
@@ -231,7 +230,7 @@ def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: 
                 name, ext = _split_name(member.name)
                 if name != key:
                     if key is not None and (wanted is None or index in wanted):
-                        yield index, _make_sample(url, key, files, multi_label, info.num_classes)
+                        yield index, _make_sample(url, key, files, info)
                     index, key, files = index + 1, name, {}
                     if index >= stop:
                         return
@@ -240,7 +239,7 @@ def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: 
     except (tarfile.TarError, OSError) as e:
         raise DatasetError(f"{url}: cannot read the shard ({e}); check the dataset with `mixer verify`") from e
     if key is not None and (wanted is None or index in wanted):
-        yield index, _make_sample(url, key, files, multi_label, info.num_classes)
+        yield index, _make_sample(url, key, files, info)
     if index + 1 < min(stop, shard.samples):
         raise DatasetError(
             f"{url}: holds {index + 1} samples but dataset.json lists {shard.samples}; the shard changed after "
@@ -248,13 +247,13 @@ def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: 
         )
 
 
-def _make_sample(url: str, key: str, files: dict[str, bytes], multi_label: bool, num_classes: int) -> _Sample:
+def _make_sample(url: str, key: str, files: dict[str, bytes], info: DatasetInfo) -> _Sample:
     image = next((files[e] for e in _IMAGE_EXTS if e in files), None)
     if image is None:
         raise DatasetError(f"{url}: sample {key!r} has no image ({', '.join(_IMAGE_EXTS)}); found {sorted(files)}")
     labels: tuple[int, ...] | None = None
     try:
-        if "json" in files and (multi_label or "cls" not in files):
+        if "json" in files and (info.multi_label or "cls" not in files):
             labels = tuple(int(x) for x in json.loads(files["json"])["labels"])
         elif "cls" in files:
             labels = (int(files["cls"].decode().strip()),)
@@ -262,8 +261,8 @@ def _make_sample(url: str, key: str, files: dict[str, bytes], multi_label: bool,
         raise DatasetError(f"{url}: sample {key!r} has a malformed label ({e})") from e
     if labels is None:
         raise DatasetError(f"{url}: sample {key!r} has no label (.cls or .json with \"labels\")")
-    if any(not 0 <= label < num_classes for label in labels):
-        raise DatasetError(f"{url}: sample {key!r} has labels {list(labels)} outside the {num_classes} classes")
+    if any(not 0 <= label < info.num_classes for label in labels):
+        raise DatasetError(f"{url}: sample {key!r} has labels {list(labels)} outside the {info.num_classes} classes")
     return _Sample(key, image, labels, url)
 
 
@@ -290,7 +289,7 @@ def _decode(sample: _Sample, min_height: int, min_width: int) -> torch.Tensor:
         array = simplejpeg.decode_jpeg(sample.image, colorspace="RGB", min_height=min_height, min_width=min_width)
     except ValueError:
         try:
-            array = np.asarray(Image.open(io.BytesIO(sample.image)).convert("RGB"))
+            array = np.array(Image.open(io.BytesIO(sample.image)).convert("RGB"))
         except OSError as e:
             raise DatasetError(f"{sample.shard_url}: sample {sample.key!r}: cannot decode the image ({e})") from e
     return torch.from_numpy(array).permute(2, 0, 1)
@@ -327,7 +326,7 @@ def _train_image(sample: _Sample, cfg: StreamConfig, seed: int, randaug: v2.Rand
     image = _decode(sample, math.ceil(size * h / ch), math.ceil(size * w / cw))
     dh, dw = image.shape[1:]
     if (dh, dw) != (h, w):  # decoded at a reduced scale: the same box in its coordinates
-        top, left = top * dh // h, left * dw // w
+        top, left = min(round(top * dh / h), dh - 1), min(round(left * dw / w), dw - 1)
         ch, cw = max(1, min(dh - top, round(ch * dh / h))), max(1, min(dw - left, round(cw * dw / w)))
     image = F.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
     if cfg.flip and flip:
@@ -346,23 +345,17 @@ def _eval_image(sample: _Sample, image_size: int, resize: int) -> torch.Tensor:
     return F.center_crop(image, [image_size, image_size]).contiguous()
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Augmentation on one intra-op thread, as in loader processes: some RandAugment ops reduce in float, and the
-    bits of a parallel reduction depend on the thread count."""
-    n = torch.get_num_threads()
-    if n == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return torch.sub(images, 127.5).div_(127.5)
+def _to_float(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """uint8 chunks -> one float32 batch of (x - 127.5) / 127.5. Done in numpy: one thread whatever torch's setting,
+    and its allocator reuses memory where torch's would fault in fresh pages for every batch."""
+    out = np.empty((sum(len(c) for c in chunks), *chunks[0].shape[1:]), dtype=np.float32)
+    start = 0
+    for c in chunks:
+        out[start:start + len(c)] = c.numpy()
+        start += len(c)
+    out -= 127.5
+    out /= 127.5
+    return torch.from_numpy(out)
 
 
 def _targets(labels: Sequence[tuple[int, ...]], num_classes: int) -> torch.Tensor:
@@ -464,11 +457,7 @@ class TrainStream:
         if self._source is None:
             self._source = self._open()
         parts = max(self.cfg.loader_workers, 1)
-        if self.cfg.loader_workers:
-            chunks = [next(self._source) for _ in range(parts)]
-        else:
-            with _one_thread():
-                chunks = [next(self._source)]
+        chunks = [next(self._source) for _ in range(parts)]
         for part, chunk in enumerate(chunks):
             expected = (self.epoch, self.batch, _block(self.streams, part, parts).start)
             if (chunk.epoch, chunk.batch, chunk.first_stream) != expected:
@@ -490,7 +479,7 @@ class TrainStream:
         return iter(loader)
 
     def _assemble(self, chunks: list[_Chunk]) -> Batch:
-        images = _to_float(torch.cat([c.images for c in chunks]))
+        images = _to_float([c.images for c in chunks])
         labels = [label for c in chunks for label in c.labels]
         targets = _targets(labels, self.info.num_classes)
         if self.cfg.mixup > 0:
@@ -545,7 +534,7 @@ def _produce_eval(info: DatasetInfo, shards: list[Shard], image_size: int, resiz
                   batch_size: int) -> Iterator[_Chunk]:
     images, labels, keys = [], [], []
     for shard in shards:
-        for _, sample in _read_shard(info, shard, None, shard.samples, info.multi_label):
+        for _, sample in _read_shard(info, shard, None, shard.samples):
             images.append(_eval_image(sample, image_size, resize))
             labels.append(sample.labels)
             keys.append(sample.key)
@@ -585,4 +574,4 @@ def eval_batches(info: DatasetInfo, split: str, image_size: int, batch_size: int
     else:
         chunks = _produce_eval(info, shards, image_size, resize, batch_size)
     for chunk in chunks:
-        yield Batch(_to_float(chunk.images), _targets(chunk.labels, info.num_classes), chunk.keys)
+        yield Batch(_to_float([chunk.images]), _targets(chunk.labels, info.num_classes), chunk.keys)

@@ -103,7 +103,12 @@ def reference(dataset: DatasetInfo) -> list[data.Batch]:
 
 def test_batches_do_not_depend_on_world_size_or_loader_processes(dataset, reference):
     n = len(reference)  # crosses the epoch boundary
-    assert_same(global_batches(dataset, config(), 2, n), reference)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the reference ran on one thread, as loader processes do
+    try:
+        assert_same(global_batches(dataset, config(), 2, n), reference)
+    finally:
+        torch.set_num_threads(threads)
     assert_same(global_batches(dataset, config(loader_workers=2), 1, n), reference)
     assert_same(global_batches(dataset, config(loader_workers=2), 2, n), reference)
 
@@ -195,8 +200,9 @@ def test_state_from_another_order_is_refused(dataset):
 def test_s3_reads_the_same_batches_as_local(dataset, bucket, tmp_path, reference):
     remote = write_dataset(f"{bucket}/ds", SHARD_SIZES, str(tmp_path))
     info = data.check_dataset(remote.url)
-    stream = data.TrainStream(info, config(), 0, 1)
-    assert_same(take(stream, 2), reference[:2])
+    assert_same(take(data.TrainStream(info, config(), 0, 1), 2), reference[:2])
+    # Loader processes forked after this process has talked to the bucket open their own connections.
+    assert_same(global_batches(info, config(loader_workers=2), 1, 2), reference[:2])
     local_eval = list(data.eval_batches(dataset, "val", 32, 16, 0, 1))
     assert_same(list(data.eval_batches(info, "val", 32, 16, 0, 1)), local_eval)
 
@@ -230,6 +236,47 @@ def test_multi_label_targets_are_multi_hot(tmp_path):
     batch = next(data.TrainStream(info, config(streams=2, global_batch=4, mixup=0.0), 0, 1))
     for key, row in zip(batch.keys, batch.targets, strict=True):
         assert row.nonzero().flatten().tolist() == labels[key]
+
+
+def _picture(h: int, w: int, fmt: str) -> tuple[bytes, torch.Tensor]:
+    y, x = np.mgrid[0:h, 0:w]
+    # Smooth on purpose: cropping at a reduced scale rounds the box to the coarser pixel grid, a shift under one
+    # output pixel that only sharp edges would show; a wrong box moves these ramps by many levels.
+    pixels = np.stack([x * 255 // w, y * 255 // h, 127 + 100 * np.sin((x + y) / 200)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, quality=95)
+    decoded = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return buf.getvalue(), torch.from_numpy(decoded.copy()).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decoding_at_a_reduced_scale_keeps_the_crop(fmt, monkeypatch):
+    """A large JPEG decodes at a fraction of its size when the crop allows it; the picture must stay the crop a
+    full-size decode gives (a misplaced box would differ by far more than the resampling does)."""
+    from torchvision.transforms.v2 import functional as F
+
+    payload, full = _picture(480, 640, fmt)
+    sample = data._Sample("k", payload, (0,), "test://shard.tar")
+    cfg = config(image_size=48, randaug_layers=0, crop_scale=(0.5, 1.0))
+    decoded_heights = []
+    decode = data._decode
+    monkeypatch.setattr(data, "_decode", lambda *a: decoded_heights.append(decode(*a).shape[1]) or decode(*a))
+    for seed in range(6):
+        rnd = __import__("random").Random(seed)
+        top, left, h, w = data._crop_box(480, 640, cfg.crop_scale, rnd)
+        expected = F.resized_crop(full, top, left, h, w, [48, 48], antialias=True)
+        if rnd.random() < 0.5:
+            expected = expected.flip(-1)
+        got = data._train_image(sample, cfg, seed, None)
+        assert got.shape == (3, 48, 48) and got.dtype == torch.uint8
+        assert (got.float() - expected.float()).abs().mean() < 3, f"seed {seed}"
+    evaluated = data._eval_image(sample, 48, 55)
+    expected = F.center_crop(F.resize(full, 55, antialias=True), [48, 48])
+    assert (evaluated.float() - expected.float()).abs().mean() < 3
+    if fmt == "JPEG":
+        assert max(decoded_heights) <= 240, "large crops of a JPEG decode at a reduced DCT scale"
+    else:
+        assert set(decoded_heights) == {480}
 
 
 def test_missing_dataset_json_names_the_url_and_prepare(tmp_path):
