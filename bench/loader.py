@@ -35,17 +35,17 @@ SHARD_SAMPLES = 100
 
 
 def _photo(rng: np.random.Generator) -> Image.Image:
-    """A JPEG-friendly picture: smooth colour fields, a few shapes and sensor-like noise; short side 256."""
+    """A JPEG-friendly picture: smooth colour waves, a few flat rectangles and sensor-like noise; short side 256."""
     long = int(rng.integers(256, 400))
     h, w = (256, long) if rng.random() < 0.7 else (long, 256)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    freq = rng.uniform(0.005, 0.05, 3)
-    phase = rng.uniform(0, 6.3, 3)
-    img = np.stack([127 + 100 * np.sin(freq[c] * (x + 0.7 * y) + phase[c]) for c in range(3)], -1)
+    x, y = np.arange(w, dtype=np.float32)[:, None], np.arange(h, dtype=np.float32)[:, None]
+    waves_x = np.sin(x * rng.uniform(0.005, 0.05, 3) + rng.uniform(0, 6.3, 3))  # [w, 3]
+    waves_y = np.sin(y * rng.uniform(0.005, 0.05, 3) + rng.uniform(0, 6.3, 3))  # [h, 3]
+    img = 127 + 60 * waves_x[None] + 50 * waves_y[:, None]
     for _ in range(4):
-        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(15, 70)
-        img[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
-    img += rng.normal(0, 6, img.shape)
+        top, left = rng.integers(0, h - 20), rng.integers(0, w - 20)
+        img[top:top + rng.integers(20, 120), left:left + rng.integers(20, 120)] = rng.integers(0, 256, 3)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * 6
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
