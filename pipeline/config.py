@@ -283,6 +283,24 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Spec:
         raise SpecError(f"{path}: {e}") from e
 
 
+# Spec keys that may hold a path: a relative local path means nothing to a worker in another directory or machine.
+PATH_KEYS = (("data", "dataset"), ("run", "url"), ("model", "init"))
+
+
+def absolute_local_paths(spec: Spec, base: str) -> list[str]:
+    """Make the spec's relative local paths absolute against `base`, in place; returns the keys changed."""
+    import os
+
+    changed = []
+    for section, key in PATH_KEYS:
+        part = getattr(spec, section)
+        value = getattr(part, key)
+        if value and "://" not in value and not os.path.isabs(value):
+            setattr(part, key, os.path.normpath(os.path.join(base, value)))
+            changed.append(f"{section}.{key}")
+    return changed
+
+
 def validate(spec: Spec) -> None:
     """Checks that need no I/O. `check_dataset` (in pipeline.data) checks the dataset URL."""
     from pipeline.model import VARIANTS

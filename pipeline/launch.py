@@ -7,6 +7,7 @@ newest committed checkpoint on their own (pipeline.train resumes automatically).
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from typing import Any
@@ -81,6 +82,8 @@ def run(spec: Spec, *, ray_address: str | None = None, resume: bool = True, resu
 
     from pipeline.ray_cluster import connect
 
+    spec = copy.deepcopy(spec)
+    config_lib.absolute_local_paths(spec, os.getcwd())
     preflight(spec, resume=resume, resume_from=resume_from)
     storage.write_bytes_atomic(storage.join(spec.run.url, "config.yaml"), spec.to_yaml().encode())
     connect(ray_address)
