@@ -153,7 +153,10 @@ def submit(spec_path: str, address: str, overrides: list[str] | None = None, wor
     with tempfile.TemporaryDirectory(prefix="mixer-job-") as tmp:
         request = job_request(spec, spec_path, package_working_dir(spec, tmp))
         with _translate_errors(address):
-            job_id = client.submit_job(**request)
+            try:
+                job_id = client.submit_job(**request)
+            except RuntimeError as e:
+                raise JobsError(f"the cluster at {address} refused the job: {e}") from e
     print(f"submitted {job_id}: Mixer-{spec.model.variant} on {spec.cluster.workers} workers, run {spec.run.url}",
           file=out)
     return job_id

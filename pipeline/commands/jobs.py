@@ -97,12 +97,19 @@ def run_submit(args: argparse.Namespace) -> int:
 
     try:
         job_id = jobs.submit(args.spec, args.address, args.overrides, args.workers)
-        if not args.follow:
-            print(f"follow it with: mixer jobs logs {job_id} --follow --address {args.address}")
-            return 0
-        status = jobs.follow(args.address, job_id)
     except (SpecError, jobs.JobsError) as e:
         return _fail(e)
+    if not args.follow:
+        print(f"follow it with: mixer jobs logs {job_id} --follow --address {args.address}")
+        return 0
+    try:
+        status = jobs.follow(args.address, job_id)
+    except jobs.JobsError as e:
+        return _fail(e)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job runs on. Stop it with: mixer jobs stop {job_id} --address "
+              f"{args.address}", file=sys.stderr)
+        return 130
     print(f"job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
 

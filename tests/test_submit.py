@@ -1,0 +1,176 @@
+"""`mixer submit` and `mixer jobs` against a real Ray head with token authentication, started by infra/local/start.sh
+(Ray head + S3 server on 127.0.0.1) and ended by infra/local/stop.sh.
+
+Every `mixer` command runs as a subprocess with a controlled environment (its own HOME, so no ~/.ray/auth_token of
+this machine leaks in), as a user would run it. The dataset lives on the stack's S3 server: the job reaches it with
+the credentials of the cluster's environment, never with anything the submitter sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline import storage
+
+REPO = Path(__file__).resolve().parent.parent
+MIXER = [sys.executable, "-m", "pipeline.cli"]
+TOKEN = uuid.uuid4().hex
+# The submitter's own object-store secret: it must never reach the cluster.
+CLIENT_SECRET = "client-side-secret-" + uuid.uuid4().hex[:8]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            key, value = line[len("export "):].split("=", 1)
+            env[key] = value
+    return env
+
+
+def head_processes(ray_tmp: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", "-a", "--", ray_tmp], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, sample_dataset):
+    """The local stack of infra/local/: a Ray head (token auth) and an S3 server, with the sample dataset copied to
+    its bucket. Yields the stack's env file as a dict."""
+    state = tmp_path_factory.mktemp("local-stack")
+    ray_port, dashboard, client, agent, s3 = free_ports(5)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "FSSPEC_"))}
+    # The head keeps this machine's HOME: its workers find DeepSpeed's compiled ops in ~/.cache/torch_extensions.
+    env.update(RAY_PORT=str(ray_port), RAY_DASHBOARD_PORT=str(dashboard), RAY_CLIENT_PORT=str(client),
+               RAY_AGENT_PORT=str(agent), S3_PORT=str(s3), NUM_CPUS="4", RAY_AUTH_TOKEN=TOKEN)
+    started = subprocess.run([str(REPO / "infra/local/start.sh"), str(state)], env=env, capture_output=True,
+                             text=True, timeout=240)
+    ray_tmp = (state / "ray_tmp").read_text().strip() if (state / "ray_tmp").exists() else None
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        stack_env = read_env_file(state / "env")
+        assert stack_env["RAY_AUTH_TOKEN"] == TOKEN
+        _copy_dataset(sample_dataset, "s3://mixer/datasets/sample", stack_env)
+        yield stack_env
+    finally:
+        stopped = subprocess.run([str(REPO / "infra/local/stop.sh"), str(state)], env=env, capture_output=True,
+                                 text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        if ray_tmp:  # every process of this head is gone, and only this head's
+            assert head_processes(ray_tmp) == []
+
+
+def _copy_dataset(src: str, dest: str, stack_env: dict[str, str]) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=stack_env["AWS_ACCESS_KEY_ID"], secret=stack_env["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": stack_env["AWS_ENDPOINT_URL"]})
+    src_fs, src_path = storage.filesystem(src)
+    for name in src_fs.find(src_path):
+        fs.pipe_file(f"{dest}/{os.path.relpath(name, src_path)}", src_fs.cat_file(name))
+
+
+def mixer(args: list[str], *, home: Path, token: str | None = TOKEN,
+          timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "FSSPEC_"))}
+    env.update(HOME=str(home), AWS_ACCESS_KEY_ID="client-key", AWS_SECRET_ACCESS_KEY=CLIENT_SECRET)
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
+    return subprocess.run(MIXER + args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def job_id_of(output: str) -> str:
+    match = re.search(r"submitted (mixer-quickstart-\S+):", output)
+    assert match, output
+    return match.group(1)
+
+
+def test_submit_follows_a_job_to_success(stack, tmp_path, monkeypatch):
+    address = stack["RAY_API_SERVER_ADDRESS"]
+    run = tmp_path / "run"
+    result = mixer(["submit", "jobs/quickstart.yaml", "--address", address, "--follow",
+                    "--set", "data.dataset=s3://mixer/datasets/sample", "--set", f"run.url={run}",
+                    "--set", "schedule.total_steps=2", "--set", "schedule.warmup_steps=1",
+                    "--set", "checkpoint.every_steps=0", "--set", "eval.every_steps=0", "--set", "run.log_every=1"],
+                   home=tmp_path, timeout=600)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-5000:]
+    job_id = job_id_of(out)
+    assert f"job {job_id}: SUCCEEDED" in out
+
+    # the run: its final checkpoint (committed: manifest, `latest`), metrics (train steps, final eval) and export
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step-000000002"
+    assert (run / "checkpoints" / "step-000000002" / "manifest.json").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
+    assert any(r["kind"] == "eval" and r["step"] == 2 for r in records)
+    assert list((run / "exports").glob("*.safetensors"))
+
+    # what the cluster holds about the job: no credential of the submitter, no AWS variable at all
+    status = mixer(["jobs", "status", job_id, "--address", address], home=tmp_path)
+    assert status.returncode == 0 and f"job {job_id}: SUCCEEDED" in status.stdout
+    assert '"spec": "quickstart.yaml"' in status.stdout
+    from pipeline import jobs
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    info = jobs.job_info(address, job_id)
+    logs = jobs.job_logs(address, job_id)
+    held = json.dumps({"runtime_env": info.runtime_env, "metadata": info.metadata, "entrypoint": info.entrypoint})
+    assert info.entrypoint == "python -m pipeline.cli train spec.yaml"
+    assert CLIENT_SECRET not in held and "AWS_" not in held and "client-key" not in held
+    assert CLIENT_SECRET not in logs and "run folder:" in logs
+    assert "AWS_" not in (run / "config.yaml").read_text()
+
+
+def test_stop_a_running_job(stack, tmp_path, monkeypatch):
+    from pipeline import jobs
+
+    address = stack["RAY_API_SERVER_ADDRESS"]
+    submitted = mixer(["submit", "jobs/quickstart.yaml", "--address", address,
+                       "--set", "data.dataset=s3://mixer/datasets/sample", "--set", f"run.url={tmp_path}/run",
+                       "--set", "schedule.total_steps=100000"], home=tmp_path)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = job_id_of(submitted.stdout)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    deadline = time.monotonic() + 120
+    while jobs.job_info(address, job_id).status.value == "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert jobs.job_info(address, job_id).status.value == "RUNNING"
+
+    stopped = mixer(["jobs", "stop", job_id, "--address", address], home=tmp_path)
+    assert stopped.returncode == 0 and f"job {job_id}: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
+    listed = mixer(["jobs", "list", "--address", address], home=tmp_path).stdout
+    assert re.search(rf"{re.escape(job_id)}\s+STOPPED", listed), listed
+
+
+def test_submit_without_the_token_says_how_to_provide_it(stack, tmp_path):
+    address = stack["RAY_API_SERVER_ADDRESS"]
+    args = ["submit", "jobs/quickstart.yaml", "--address", address, "--set", "data.dataset=s3://mixer/x",
+            "--set", f"run.url={tmp_path}/run"]
+    missing = mixer(args, token=None, home=tmp_path)
+    assert missing.returncode == 2
+    assert "requires an authentication token and none was found" in missing.stderr
+    assert "export RAY_AUTH_TOKEN=" in missing.stderr and "~/.ray/auth_token" in missing.stderr
+    assert "ray get-auth-token" in missing.stderr
+    wrong = mixer(["jobs", "list", "--address", address], token="not-the-token", home=tmp_path)
+    assert wrong.returncode == 2 and "refused the token from RAY_AUTH_TOKEN" in wrong.stderr
