@@ -53,6 +53,7 @@ def render(records: list[dict[str, Any]], title: str = "") -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     loss_ax, lr_ax, speed_ax, acc_ax = axes.flat
@@ -81,6 +82,8 @@ def render(records: list[dict[str, Any]], title: str = "") -> bytes:
     else:
         acc_ax.text(0.5, 0.5, "no evaluation yet", ha="center", va="center", transform=acc_ax.transAxes)
 
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title)
     buf = io.BytesIO()

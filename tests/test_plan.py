@@ -68,8 +68,10 @@ def test_fp32_sgd_and_offload_bytes():
     p = plan.make_plan(spec, 2, num_classes=10)
     n = p.num_params
     assert (p.bytes_per_param.param, p.bytes_per_param.grad, p.bytes_per_param.master, p.bytes_per_param.optim) == \
-        (4, 4, 0, 4)
-    assert p.stages[0].optimizer == n * 4 / 2
+        (4, 4, 4, 4)
+    assert p.stages[0].optimizer == n * (4 + 4) / 2  # ZeRO keeps an fp32 copy even of fp32 parameters
+    no_zero = plan.make_plan(config.load(JOBS / "quickstart.yaml", ["deepspeed.zero_stage=0"]), 2, num_classes=10)
+    assert no_zero.this_spec.optimizer == n * 8 and no_zero.this_spec.params == n * 4  # Adam on the model's own
     offload = plan.make_plan(config.load(H14, ["deepspeed.offload_optimizer=true"]), 8, train_samples=10**6,
                              num_classes=JFT_CLASSES)
     assert all(st.optimizer == 0 for st in offload.stages)
