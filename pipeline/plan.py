@@ -31,8 +31,9 @@ import statistics
 from dataclasses import dataclass
 
 from pipeline import config as config_lib
-from pipeline import storage
+from pipeline import dataset_json, storage
 from pipeline.config import Spec
+from pipeline.dataset_json import DatasetInfo
 from pipeline.model import VARIANTS, MixerConfig, count_params, num_tokens
 
 GiB = 2**30
@@ -85,7 +86,8 @@ class Plan:
     stages: list[StageMemory]  # ZeRO 1, 2, 3
     this_spec: StageMemory  # the spec's own ZeRO stage
     train_samples: int | None
-    steps: int
+    steps: int | None  # None: the train split size is unknown
+    unknown_steps_reason: str
     checkpoint_bytes: int
     export_bytes: int
     images_per_s_per_gpu: float | None
@@ -93,7 +95,7 @@ class Plan:
 
     @property
     def wall_time_s(self) -> float | None:
-        if not self.images_per_s_per_gpu:
+        if not self.images_per_s_per_gpu or self.steps is None:
             return None
         return self.steps * self.global_batch / (self.images_per_s_per_gpu * self.gpus)
 
@@ -141,29 +143,12 @@ def stage_memory(stage: int, num_params: int, bpp: BytesPerParam, gpus: int, off
     return StageMemory(stage, params, grads, optimizer, activations, activations_checkpointed)
 
 
-def train_split_samples(spec: Spec) -> int:
-    from pipeline import dataset_json
-
+def read_dataset(spec: Spec) -> tuple[DatasetInfo | None, str]:
+    """The dataset's description, or None and why it could not be read."""
     try:
-        info = dataset_json.load(spec.data.dataset)
-        return info.split(spec.data.train_split).samples
-    except Exception as e:
-        raise PlanError(
-            f"data.dataset: cannot read {spec.data.dataset}/dataset.json ({type(e).__name__}: {e}); "
-            "pass --train-samples N (and --num-classes K) to plan without it"
-        ) from e
-
-
-def dataset_classes(spec: Spec) -> int:
-    from pipeline import dataset_json
-
-    try:
-        return dataset_json.load(spec.data.dataset).num_classes
-    except Exception as e:
-        raise PlanError(
-            f"model.num_classes is not set and {spec.data.dataset}/dataset.json cannot be read "
-            f"({type(e).__name__}: {e}); pass --num-classes K"
-        ) from e
+        return dataset_json.load(spec.data.dataset), ""
+    except Exception as e:  # unreachable for any reason (no credentials, no bucket, not prepared): said in the plan
+        return None, f"{spec.data.dataset}/dataset.json cannot be read ({type(e).__name__}: {e})"
 
 
 def measured_images_per_s_per_gpu(run_url: str) -> float:
@@ -193,7 +178,13 @@ def make_plan(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib: flo
               num_classes: int | None = None) -> Plan:
     if gpus <= 0:
         raise PlanError(f"--gpus must be positive, got {gpus}")
-    classes = spec.model.num_classes or num_classes or dataset_classes(spec)
+    s = spec.schedule
+    info, unreadable = None, ""
+    if not (spec.model.num_classes or num_classes) or (s.total_steps is None and train_samples is None):
+        info, unreadable = read_dataset(spec)
+    classes = spec.model.num_classes or num_classes or (info.num_classes if info else None)
+    if not classes:
+        raise PlanError(f"model.num_classes is not set and {unreadable}; pass --num-classes K")
     cfg = model_config(spec)
     n = count_params(cfg, spec.model.image_size, classes)
     bpp = bytes_per_param(spec)
@@ -203,13 +194,15 @@ def make_plan(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib: flo
     stages = [stage_memory(z, n, bpp, gpus, spec.deepspeed.offload_optimizer, acts, acts_ckpt)
               for z in (1, 2, 3, spec.deepspeed.zero_stage)]
 
-    s = spec.schedule
     if s.total_steps is not None:
         steps, samples = s.total_steps, train_samples
     else:
-        samples = train_samples or train_split_samples(spec)
+        split = info.splits.get(spec.data.train_split) if info else None
+        if info and split is None:
+            unreadable = f"{spec.data.dataset} has no split {spec.data.train_split!r}"
+        samples = train_samples or (split.samples if split else None)
         # As the trainer counts: whole global batches per epoch (the tail is dropped), epochs may be fractional.
-        steps = math.ceil(s.epochs * (samples // spec.batch.global_))
+        steps = math.ceil(s.epochs * (samples // spec.batch.global_)) if samples else None
 
     # A DeepSpeed checkpoint holds the module weights (at the parameter dtype) and the optimizer shards (fp32 master
     # copy and state); the export is fp32 weights.
@@ -218,7 +211,8 @@ def make_plan(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib: flo
         spec_path=spec_path, variant=spec.model.variant, image_size=spec.model.image_size, num_classes=classes,
         num_params=n, gpus=gpus, micro_batch=spec.batch.micro, global_batch=spec.batch.global_,
         bytes_per_param=bpp, stages=stages[:3], this_spec=stages[3],
-        train_samples=samples, steps=steps, checkpoint_bytes=checkpoint_bytes, export_bytes=4 * n,
+        train_samples=samples, steps=steps, unknown_steps_reason=unreadable,
+        checkpoint_bytes=checkpoint_bytes, export_bytes=4 * n,
         images_per_s_per_gpu=images_per_s_per_gpu, gpu_memory_gib=gpu_memory_gib,
     )
 
@@ -287,6 +281,8 @@ def render(plan: Plan, spec: Spec) -> str:
     s = spec.schedule
     if s.total_steps is not None:
         lines.append(f"steps: {plan.steps:,} (schedule.total_steps), warmup {s.warmup_steps:,}")
+    elif plan.steps is None:
+        lines.append(f"steps: unknown: {plan.unknown_steps_reason}; pass --train-samples N")
     else:
         lines.append(f"steps: {plan.steps:,} = {s.epochs:g} epochs x {plan.train_samples:,} samples // "
                      f"{plan.global_batch} per step, warmup {s.warmup_steps:,}")
@@ -294,7 +290,9 @@ def render(plan: Plan, spec: Spec) -> str:
                  f"(weights {format_size(plan.num_params * b.param)} + optimizer "
                  f"{format_size(plan.num_params * (b.master + b.optim))}); "
                  f"fp32 export {format_size(plan.export_bytes)}")
-    if plan.wall_time_s is not None:
+    if plan.steps is None:
+        lines.append("time: unknown without the number of steps")
+    elif plan.wall_time_s is not None:
         total = plan.images_per_s_per_gpu * plan.gpus
         lines.append(f"time: {format_duration(plan.wall_time_s)} at {plan.images_per_s_per_gpu:,.1f} images/s per "
                      f"GPU x {plan.gpus} = {total:,.0f} images/s (assumes linear scaling)")
