@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 
 
@@ -9,8 +11,10 @@ def connect(address: str | None = None, **init_kwargs) -> None:
     """Connect this process to Ray once. With no address, start Ray in-process bound to 127.0.0.1."""
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=init_kwargs.pop("log_to_driver", True), **init_kwargs)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **init_kwargs)
     else:
+        # A single-machine Ray: without this Ray advertises the machine's network address instead of loopback.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         init_kwargs.setdefault("include_dashboard", False)
         ray.init(_node_ip_address="127.0.0.1", **init_kwargs)
