@@ -74,6 +74,8 @@ python -c "import boto3, sys; boto3.client('s3').create_bucket(Bucket=sys.argv[1
 RAY_TMP=$(mktemp -d /tmp/ray-local-XXXXXX)
 echo "$RAY_TMP" >"$STATE_DIR/ray_tmp"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$TOKEN"
+# On SIGTERM Ray first drains the node for up to 30 s (for Ray Serve traffic); a local stack has none to wait for.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 # Keep every address Ray advertises on loopback.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 if ! command -v nvidia-smi >/dev/null 2>&1; then

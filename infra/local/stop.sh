@@ -24,7 +24,7 @@ stop_pid() {  # PID_FILE SECONDS: SIGTERM, then SIGKILL once the grace period is
 }
 
 # `ray start --block` ends its raylet, GCS, dashboard and workers when it gets SIGTERM.
-stop_pid "$STATE_DIR/ray.pid" 30
+stop_pid "$STATE_DIR/ray.pid" 60
 if [ -f "$STATE_DIR/ray_tmp" ]; then
   ray_tmp=$(cat "$STATE_DIR/ray_tmp")
   # Any process still naming this head's temp dir (a worker that outlived its raylet) belongs to this head only.
