@@ -16,6 +16,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import ray
+from tqdm import tqdm
+
 from data_prep.images import ImagePolicy
 from data_prep.plan import SPLITS, Plan, PlanOptions, ShardPlan, make_plan
 from data_prep.shard import KILL_ONCE_ENV, PROGRESS, write_shard
@@ -77,8 +80,6 @@ def prepare(
     _remove_temporaries(dest)
 
     ray_cluster.connect(ray_address)
-    import ray
-
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     tasks_started = time.perf_counter()
     stats = _run(plan, dest, options.policy(), listing, workers, retries, progress)
@@ -164,9 +165,6 @@ def _run(
 ) -> dict[str, dict[str, Any]]:
     """Every shard through a Ray task, at most `workers` at a time; a failed shard (exception or lost worker) is
     retried after an exponential backoff, up to `retries` times."""
-    import ray
-    from tqdm import tqdm
-
     env = {KILL_ONCE_ENV: os.environ[KILL_ONCE_ENV]} if KILL_ONCE_ENV in os.environ else {}
     task = ray.remote(write_shard).options(
         num_cpus=1, max_retries=0, runtime_env={"env_vars": env} if env else None

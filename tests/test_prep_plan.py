@@ -176,3 +176,12 @@ def test_unknown_layout_and_missing_source_are_clear(tmp_path):
     (tmp_path / "mixed" / "cls").mkdir()
     with pytest.raises(SourceError, match="--layout"):
         list_source(str(tmp_path / "mixed"))
+
+
+def test_sample_data_is_deterministic_for_a_seed(tmp_path):
+    def files(root):
+        return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    for name, seed in (("a", 4), ("b", 4), ("c", 5)):
+        make_sample_data(str(tmp_path / name), "i21k-tars", classes=2, per_class=6, bad=3, seed=seed)
+    assert files(tmp_path / "a") == files(tmp_path / "b") != files(tmp_path / "c")
