@@ -59,6 +59,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be saved or loaded; the message names the step or file and what to do."""
 
 
+class _Damaged(CheckpointError):
+    """A step whose files do not match its manifest (or whose manifest is unreadable): load may skip it."""
+
+
 @dataclass
 class CheckpointInfo:
     step: int
@@ -174,7 +178,6 @@ class CheckpointStore:
         if rank == 0:
             commit = {"step": step, "time": started, "world_size": world,
                       "zero_stage": int(engine.zero_optimization_stage())}
-        self._error = None
         self._thread = threading.Thread(target=self._upload, args=(step, local_dir, files, nonce, rank, world, commit),
                                         name=f"checkpoint-upload-{tag}")
         self._thread.start()
@@ -266,7 +269,7 @@ class CheckpointStore:
         for i, step_url in enumerate(candidates):
             try:
                 return self._load_step(engine, step_url)
-            except CheckpointError as e:
+            except _Damaged as e:
                 if not fallback or i == len(candidates) - 1:
                     if failures:
                         raise CheckpointError(f"{e} (also skipped: {'; '.join(failures)})") from e
@@ -285,21 +288,27 @@ class CheckpointStore:
             try:
                 manifest = _read_manifest(step_url)
             except CheckpointError as e:
-                error = str(e)
+                error = e
         manifest, error = _broadcast((manifest, error))
         if error:
-            raise CheckpointError(error)
+            raise error
+        stage = int(engine.zero_optimization_stage())
+        if manifest["zero_stage"] != stage:
+            # A universal checkpoint keeps the source's model-state file layout, which another stage cannot read.
+            raise CheckpointError(f"{step_url}: saved with ZeRO stage {manifest['zero_stage']} but this engine runs "
+                                  f"stage {stage}; resume with deepspeed zero_stage {manifest['zero_stage']}")
         tag = step_name(manifest["step"])
         load_root = os.path.join(self.staging, "load", hashlib.sha1(step_url.encode()).hexdigest()[:12])
         if local_rank == 0 and os.path.exists(load_root):
             shutil.rmtree(load_root)
         _barrier()
         try:
-            same_layout = manifest["world_size"] == world and \
-                manifest["zero_stage"] == int(engine.zero_optimization_stage())
+            # Without ZeRO nothing is partitioned: any world size reads the files as they are.
+            same_layout = manifest["world_size"] == world or stage == 0
             shared = sorted(n for n in manifest["files"] if not n.startswith("rank_state-"))
             mine = shared[local_rank::local_world]
-            if same_layout and rank_state_name(rank) in manifest["files"]:
+            same_world = manifest["world_size"] == world
+            if same_world and rank_state_name(rank) in manifest["files"]:
                 mine.append(rank_state_name(rank))
             _raise_any(_all_gather(_fetch(step_url, manifest, mine, os.path.join(load_root, tag))))
             if same_layout:
@@ -308,7 +317,7 @@ class CheckpointStore:
                 tag_loaded = self._universal(step_url, manifest, load_root, tag)
             client = _engine_load(engine, load_root, tag_loaded, universal=not same_layout)
             rank_state = None
-            if same_layout and rank_state_name(rank) in manifest["files"]:
+            if same_world and rank_state_name(rank) in manifest["files"]:
                 rank_state = torch.load(os.path.join(load_root, tag, rank_state_name(rank)), map_location="cpu",
                                         weights_only=False)
             log.info("loaded checkpoint %s%s", step_url, "" if same_layout else " (universal)")
@@ -466,12 +475,12 @@ def _read_manifest(step_url: str) -> dict:
     try:
         manifest = storage.read_json(url)
     except FileNotFoundError as e:
-        raise CheckpointError(f"{step_url}: not a committed checkpoint ({MANIFEST} is missing)") from e
+        raise _Damaged(f"{step_url}: not a committed checkpoint ({MANIFEST} is missing)") from e
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{url}: unreadable manifest ({e})") from e
+        raise _Damaged(f"{url}: unreadable manifest ({e})") from e
     missing = [k for k in ("step", "time", "world_size", "zero_stage", "files") if k not in manifest]
     if missing:
-        raise CheckpointError(f"{url}: manifest lacks {', '.join(missing)}")
+        raise _Damaged(f"{url}: manifest lacks {', '.join(missing)}")
     return manifest
 
 
@@ -605,7 +614,7 @@ def _raise_any(problems_per_rank: list[list[str]]) -> None:
     problems = [p for ps in problems_per_rank for p in ps]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CheckpointError(problems[0] + more)
+        raise _Damaged(problems[0] + more)
 
 
 def _utc_now() -> str:

@@ -82,7 +82,7 @@ def _train(engine, steps: range) -> list[float]:
 
 def _snapshot(engine) -> dict:
     """This rank's fp32 master partitions and optimizer state, exactly as held."""
-    inner = engine.optimizer.optimizer
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
     params = [p.detach().clone() for group in inner.param_groups for p in group["params"]]
     state = [{k: (v.clone() if hasattr(v, "clone") else v) for k, v in inner.state[p].items()}
              for group in inner.param_groups for p in group["params"]]
@@ -169,7 +169,7 @@ def scenario_g0(cfg: dict) -> dict:
 
     from pipeline.checkpoint import CheckpointError, CheckpointStore
 
-    out: dict = {"unbroken": {stage: _unbroken_run(cfg, f"g0-z{stage}", stage) for stage in (2, 3)}}
+    out: dict = {"unbroken": {stage: _unbroken_run(cfg, f"g0-z{stage}", stage) for stage in (0, 2, 3)}}
 
     # Corruption: alter one file of the newest step in the bucket.
     engine = _engine(2)
@@ -221,7 +221,7 @@ def scenario_g0(cfg: dict) -> dict:
 
 def scenario_g1(cfg: dict) -> dict:
     """2 ranks: unbroken runs; same-world-size resumes; resumes of g0's 1-rank runs (1 -> 2)."""
-    out: dict = {"unbroken": {}, "same": {}, "up": {}}
+    out: dict = {"unbroken": {}, "same": {}, "up": {0: _resume(cfg, "g0-z0", 0)}}
     for stage in (2, 3):
         out["unbroken"][stage] = _unbroken_run(cfg, f"g1-z{stage}", stage)
         out["same"][stage] = _resume(cfg, f"g1-z{stage}", stage)
@@ -230,10 +230,16 @@ def scenario_g1(cfg: dict) -> dict:
 
 
 def scenario_g2(cfg: dict) -> dict:
-    """1 rank: resumes of g1's 2-rank runs (2 -> 1); the killed run resumed and saved again."""
-    from pipeline.checkpoint import CheckpointStore
+    """1 rank: resumes of g1's 2-rank runs (2 -> 1); a ZeRO stage mismatch; the killed run resumed and saved
+    again."""
+    from pipeline.checkpoint import CheckpointError, CheckpointStore
 
     out: dict = {"down": {stage: _resume(cfg, f"g1-z{stage}", stage) for stage in (2, 3)}}
+    try:
+        CheckpointStore(f"{cfg['bucket']}/g1-z2", staging_dir=cfg["staging"]).load(_engine(3))
+        out["stage_mismatch"] = None
+    except CheckpointError as e:
+        out["stage_mismatch"] = str(e)
     engine = _engine(2, big=True)
     store = CheckpointStore(cfg["kill_run"], staging_dir=cfg["staging"])
     step, _, _ = store.load(engine)
@@ -385,13 +391,15 @@ def test_same_world_size_resume_is_bitwise(env, g1, stage):
     assert same["after"] == g1["unbroken"][stage]["after"], "losses after resume differ from the unbroken run"
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_resume_on_another_world_size(g0, g1, g2, stage):
     import numpy as np
 
     up = g1["up"][stage]
     assert up["step"] == SAVE_AT and up["client"] == _client(SAVE_AT) and up["rank_state"] is None
     np.testing.assert_allclose(up["after"], g0["unbroken"][stage]["after"], rtol=1e-5, atol=0)
+    if stage == 0:
+        return  # without ZeRO the files are read as they are: nothing to convert
     down = g2["down"][stage]
     assert down["step"] == SAVE_AT and down["client"] == _client(SAVE_AT) and down["rank_state"] is None
     np.testing.assert_allclose(down["after"], g1["unbroken"][stage]["after"], rtol=1e-5, atol=0)
@@ -408,6 +416,11 @@ def test_universal_form_is_stored_next_to_the_step(env, g2):
             step = f"{cfg['bucket']}/{run}-z{stage}/checkpoints/step-000000003"
             manifest = storage.read_json(f"{step}/universal/manifest.json")
             assert manifest["world_size"] == world and any(n.startswith("zero/") for n in manifest["files"])
+    assert not storage.exists(f"{cfg['bucket']}/g0-z0/checkpoints/step-000000003/universal")
+
+
+def test_zero_stage_change_is_refused(g2):
+    assert "saved with ZeRO stage 2 but this engine runs stage 3" in g2["stage_mismatch"]
 
 
 def test_kill_during_upload_leaves_previous_step(env, g0, g2):
