@@ -235,8 +235,7 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
     from pipeline.checkpoint import CheckpointStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     on_gpu = torch.cuda.is_available() and spec.cluster.gpus_per_worker > 0
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
@@ -380,6 +379,21 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
         progress.close()
     dist.barrier()
     return {"step": step, "eval": last_eval, "export": export_url}
+
+
+def init_distributed() -> None:
+    """Join (or, under torchrun, create) the process group DeepSpeed will use.
+
+    On CPU, DeepSpeed compiles a shared-memory all-reduce the first time it starts (over a minute) and compiles it
+    again whenever another process left a differently built copy in the shared cache; gloo's own all-reduce is what
+    CPU runs use instead."""
+    import deepspeed
+    import deepspeed.ops
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
 def stream_config(spec: Spec) -> data.StreamConfig:
