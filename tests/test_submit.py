@@ -1,8 +1,9 @@
 """`mixer submit` and `mixer jobs` against a real Ray head with token authentication, started by infra/local/start.sh
 (Ray head + S3 server on 127.0.0.1) and ended by infra/local/stop.sh.
 
-Every `mixer` command runs as a subprocess with a controlled environment (its own HOME, so no ~/.ray/auth_token of
-this machine leaks in), as a user would run it. The dataset lives on the stack's S3 server: the job reaches it with
+`mixer submit` runs as a subprocess with a controlled environment (its own HOME, so no ~/.ray/auth_token of this
+machine leaks in, and an object-store secret of its own that must not reach the cluster); `mixer jobs` runs in this
+process with the token in the environment. The dataset lives on the stack's S3 server: the job reaches it with
 the credentials of the cluster's environment, never with anything the submitter sent.
 """
 
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage
+from pipeline import jobs, storage
+from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 MIXER = [sys.executable, "-m", "pipeline.cli"]
@@ -105,7 +107,7 @@ def job_id_of(output: str) -> str:
     return match.group(1)
 
 
-def test_submit_follows_a_job_to_success(stack, tmp_path, monkeypatch):
+def test_submit_follows_a_job_to_success(stack, tmp_path, monkeypatch, capsys):
     address = stack["RAY_API_SERVER_ADDRESS"]
     run = tmp_path / "run"
     result = mixer(["submit", "jobs/quickstart.yaml", "--address", address, "--follow",
@@ -126,25 +128,25 @@ def test_submit_follows_a_job_to_success(stack, tmp_path, monkeypatch):
     assert any(r["kind"] == "eval" and r["step"] == 2 for r in records)
     assert list((run / "exports").glob("*.safetensors"))
 
-    # what the cluster holds about the job: no credential of the submitter, no AWS variable at all
-    status = mixer(["jobs", "status", job_id, "--address", address], home=tmp_path)
-    assert status.returncode == 0 and f"job {job_id}: SUCCEEDED" in status.stdout
-    assert '"spec": "quickstart.yaml"' in status.stdout
-    from pipeline import jobs
-
+    # `mixer jobs` in this process (the token in the environment, as a user has it)
     monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
+    assert main(["jobs", "status", job_id, "--address", address]) == 0
+    status = capsys.readouterr().out
+    assert f"job {job_id}: SUCCEEDED" in status and '"spec": "quickstart.yaml"' in status
+    assert main(["jobs", "logs", job_id, "--address", address]) == 0
+    logs = capsys.readouterr().out
+    assert "run folder:" in logs
+
+    # what the cluster holds about the job: no credential of the submitter, no AWS variable at all
     info = jobs.job_info(address, job_id)
-    logs = jobs.job_logs(address, job_id)
     held = json.dumps({"runtime_env": info.runtime_env, "metadata": info.metadata, "entrypoint": info.entrypoint})
     assert info.entrypoint == "python -m pipeline.cli train spec.yaml"
     assert CLIENT_SECRET not in held and "AWS_" not in held and "client-key" not in held
-    assert CLIENT_SECRET not in logs and "run folder:" in logs
+    assert CLIENT_SECRET not in logs
     assert "AWS_" not in (run / "config.yaml").read_text()
 
 
-def test_stop_a_running_job(stack, tmp_path, monkeypatch):
-    from pipeline import jobs
-
+def test_stop_a_running_job(stack, tmp_path, monkeypatch, capsys):
     address = stack["RAY_API_SERVER_ADDRESS"]
     submitted = mixer(["submit", "jobs/quickstart.yaml", "--address", address,
                        "--set", "data.dataset=s3://mixer/datasets/sample", "--set", f"run.url={tmp_path}/run",
@@ -157,13 +159,14 @@ def test_stop_a_running_job(stack, tmp_path, monkeypatch):
         time.sleep(0.5)
     assert jobs.job_info(address, job_id).status.value == "RUNNING"
 
-    stopped = mixer(["jobs", "stop", job_id, "--address", address], home=tmp_path)
-    assert stopped.returncode == 0 and f"job {job_id}: STOPPED" in stopped.stdout, stopped.stdout + stopped.stderr
-    listed = mixer(["jobs", "list", "--address", address], home=tmp_path).stdout
+    assert main(["jobs", "stop", job_id, "--address", address]) == 0
+    assert f"job {job_id}: STOPPED" in capsys.readouterr().out
+    assert main(["jobs", "list", "--address", address]) == 0
+    listed = capsys.readouterr().out
     assert re.search(rf"{re.escape(job_id)}\s+STOPPED", listed), listed
 
 
-def test_submit_without_the_token_says_how_to_provide_it(stack, tmp_path):
+def test_submit_without_the_token_says_how_to_provide_it(stack, tmp_path, monkeypatch, capsys):
     address = stack["RAY_API_SERVER_ADDRESS"]
     args = ["submit", "jobs/quickstart.yaml", "--address", address, "--set", "data.dataset=s3://mixer/x",
             "--set", f"run.url={tmp_path}/run"]
@@ -172,5 +175,6 @@ def test_submit_without_the_token_says_how_to_provide_it(stack, tmp_path):
     assert "requires an authentication token and none was found" in missing.stderr
     assert "export RAY_AUTH_TOKEN=" in missing.stderr and "~/.ray/auth_token" in missing.stderr
     assert "ray get-auth-token" in missing.stderr
-    wrong = mixer(["jobs", "list", "--address", address], token="not-the-token", home=tmp_path)
-    assert wrong.returncode == 2 and "refused the token from RAY_AUTH_TOKEN" in wrong.stderr
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["jobs", "list", "--address", address]) == 2
+    assert "refused the token from RAY_AUTH_TOKEN" in capsys.readouterr().err

@@ -25,8 +25,16 @@ S3_BUCKET=${S3_BUCKET:-mixer}
 NUM_CPUS=${NUM_CPUS:-$(nproc)}
 
 # The repository's virtual environment, when there is one, provides ray, moto_server and the `python` of the jobs.
+# Only those three go first on the PATH: the rest of .venv/bin goes last, so that tools found on both (ninja, which
+# DeepSpeed's JIT-built ops run) stay the system's, as for every other process, and the shared build cache in
+# ~/.cache/torch_extensions is not rebuilt each time a different ninja version looks at it.
 if [ -x "$REPO/.venv/bin/python" ]; then
-  export PATH="$REPO/.venv/bin:$PATH"
+  mkdir -p "$STATE_DIR/bin"
+  printf '#!/bin/sh\nexec "%s" "$@"\n' "$REPO/.venv/bin/python" >"$STATE_DIR/bin/python"
+  chmod +x "$STATE_DIR/bin/python"
+  ln -sf "$REPO/.venv/bin/ray" "$STATE_DIR/bin/ray"
+  ln -sf "$REPO/.venv/bin/moto_server" "$STATE_DIR/bin/moto_server"
+  export PATH="$STATE_DIR/bin:$PATH:$REPO/.venv/bin"
 fi
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

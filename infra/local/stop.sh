@@ -35,4 +35,5 @@ if [ -f "$STATE_DIR/ray_tmp" ]; then
 fi
 stop_pid "$STATE_DIR/moto.pid" 10
 rm -f "$STATE_DIR/env"
+rm -rf "$STATE_DIR/bin"
 echo "local stack of $STATE_DIR stopped"
