@@ -60,7 +60,7 @@ def token_message(address: str) -> str:
         f"the Ray cluster at {address} {problem}. Provide the cluster's token with\n"
         "  export RAY_AUTH_TOKEN=<token>        or save it to ~/.ray/auth_token (chmod 600)\n"
         "Read it on the head node with `ray get-auth-token` (or `cat ~/.ray/auth_token` there); for the local stack "
-        "of infra/local/start.sh it is in its env file; on KubeRay it is in the cluster's auth-token Secret."
+        "of infra/local/start.sh it is in its env file; on KubeRay, in the mixer-ray-auth Secret (infra/kuberay)."
     )
 
 

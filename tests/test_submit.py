@@ -178,3 +178,6 @@ def test_submit_without_the_token_says_how_to_provide_it(stack, tmp_path, monkey
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     assert main(["jobs", "list", "--address", address]) == 2
     assert "refused the token from RAY_AUTH_TOKEN" in capsys.readouterr().err
+    free = free_ports(1)[0]
+    assert main(["jobs", "stop", "some-job", "--address", f"http://127.0.0.1:{free}"]) == 2
+    assert f"cannot reach the Ray dashboard at http://127.0.0.1:{free}" in capsys.readouterr().err
