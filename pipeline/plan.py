@@ -101,10 +101,8 @@ class Plan:
 
 
 def bytes_per_param(spec: Spec) -> BytesPerParam:
-    optim_state = 8 if spec.optim.name == "adam" else 4
-    if spec.deepspeed.bf16:
-        return BytesPerParam(param=2, grad=2, master=4, optim=optim_state)
-    return BytesPerParam(param=4, grad=4, master=4, optim=optim_state)
+    width = 2 if spec.deepspeed.bf16 else 4
+    return BytesPerParam(param=width, grad=width, master=4, optim=8 if spec.optim.name == "adam" else 4)
 
 
 def model_config(spec: Spec) -> MixerConfig:
@@ -250,9 +248,8 @@ def format_size(n: float) -> str:
 def render(plan: Plan, spec: Spec) -> str:
     b = plan.bytes_per_param
     dtype = "bf16" if spec.deepspeed.bf16 else "fp32"
-    parts = [f"{dtype} param {b.param}", f"{dtype} grad {b.grad}"]
-    parts.append(f"fp32 master {b.master}")
-    parts.append(("Adam m,v " if spec.optim.name == "adam" else "SGD momentum ") + str(b.optim))
+    state = "Adam m,v" if spec.optim.name == "adam" else "SGD momentum"
+    parts = [f"{dtype} param {b.param}", f"{dtype} grad {b.grad}", f"fp32 master {b.master}", f"{state} {b.optim}"]
     lines = [
         f"plan for {plan.spec_path or 'spec'}: Mixer-{plan.variant} at {plan.image_size} px, {plan.num_classes:,} "
         f"classes, micro batch {plan.micro_batch}, global batch {plan.global_batch}, {plan.gpus} GPUs",

@@ -164,6 +164,8 @@ def test_stop_a_running_job(stack, tmp_path, monkeypatch, capsys):
     assert main(["jobs", "list", "--address", address]) == 0
     listed = capsys.readouterr().out
     assert re.search(rf"{re.escape(job_id)}\s+STOPPED", listed), listed
+    assert main(["jobs", "status", "no-such-job", "--address", address]) == 2
+    assert "no job 'no-such-job' on this cluster" in capsys.readouterr().err
 
 
 def test_submit_without_the_token_says_how_to_provide_it(stack, tmp_path, monkeypatch, capsys):
