@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -57,8 +58,8 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
         return list(result["summary"])
     if "stall_fraction" in result or "upload_ratio" in result:
         return [
-            {"name": "checkpoint stall", "ours": result.get("stall_fraction"), "baseline": 1.0,
-             "unit": "steps", "ratio": result.get("stall_fraction")},
+            {"name": "checkpoint stall", "ours": _median(result.get("stall_s")), "baseline": result.get("step_s"),
+             "unit": "s (vs a step)", "ratio": result.get("stall_fraction")},
             {"name": "checkpoint upload", "ours": result.get("upload_mb_s"), "baseline": result.get("raw_mb_s"),
              "unit": "MB/s", "ratio": result.get("upload_ratio")},
         ]
@@ -66,6 +67,10 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
     if missing:
         raise ValueError(f"its JSON lacks {missing}; expected keys name, ours, baseline, unit, ratio")
     return [result]
+
+
+def _median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def judge(row: dict[str, Any]) -> dict[str, Any]:
@@ -87,22 +92,24 @@ def run_one(bench: Bench, out_dir: Path) -> tuple[str, list[dict[str, Any]], dic
     json_out = out_dir / f"{name}.json"
     json_out.unlink(missing_ok=True)
     cmd = [sys.executable, bench.script, *bench.args, "--json", str(json_out)]
-    print(f"$ {' '.join(cmd)}", flush=True)
+    log_path = out_dir / f"{name}.log"
+    print(f"$ {' '.join(cmd)}   (log: {log_path})", flush=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "DS_ACCELERATOR": "cpu"}
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=bench.timeout_s)
-        output, code = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        # The partial output of a timed-out run comes back as bytes even in text mode.
-        partial = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        output, code = partial + f"\n(killed after {bench.timeout_s}s)", None
-    (out_dir / f"{name}.log").write_text(output)
+    # Straight into the log, so a long run can be followed with `tail -f`.
+    with log_path.open("w") as log:
+        try:
+            code: int | None = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                              timeout=bench.timeout_s).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+            log.write(f"\n(killed after {bench.timeout_s}s)\n")
+    output = log_path.read_text(errors="replace")
     seconds = time.monotonic() - t0
     if code != 0 or not json_out.exists():
         tail = " | ".join(output.strip().splitlines()[-3:])
-        note = f"exit {code} after {seconds:.0f}s; see {out_dir / (name + '.log')}: {tail}"
+        note = f"exit {code} after {seconds:.0f}s; see {log_path}: {tail}"
         return "failed", [{"name": name, "status": "failed", "pass": False, "note": note}], None
     raw = json.loads(json_out.read_text())
     try:

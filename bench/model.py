@@ -37,13 +37,15 @@ from torch import nn
 
 IMPLS = ("ours", "timm")
 MODES = ("eager", "compile")
+DEFAULT_BATCH = {"B/16": 256, "L/16": 128, "H/14": 64}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--variants", default="B/16,L/16,H/14", help="comma-separated names from pipeline.model.VARIANTS")
-    p.add_argument("--batch", default="256,128,64", help="one batch size, or one per variant")
+    p.add_argument("--batch", default=None, help="one batch size, or one per variant (default: B/16 256, L/16 128, "
+                                                  "H/14 64, others 64)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--impls", default=",".join(IMPLS), help="ours,timm")
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-table", action="store_true", help="print progress lines only, no final table")
     args = p.parse_args(argv)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.batch is None:
+        args.batch = ",".join(str(DEFAULT_BATCH.get(v, 64)) for v in args.variants)
     batches = [int(b) for b in args.batch.split(",") if b]
     if len(batches) == 1:
         batches = batches * len(args.variants)
@@ -174,6 +178,17 @@ def train_flops_per_image(variant: str, image_size: int, num_classes: int) -> tu
 
     forward = float(forward_flops(VARIANTS[variant], image_size, num_classes))
     return forward, 3 * forward
+
+
+def check_variants(variants: list[str], image_size: int) -> str | None:
+    from pipeline.model import VARIANTS
+
+    for name in variants:
+        if name not in VARIANTS:
+            return f"--variants: unknown variant {name!r}; known: {', '.join(VARIANTS)}"
+        if image_size % VARIANTS[name].patch_size:
+            return f"--image-size {image_size} is not divisible by the patch size {VARIANTS[name].patch_size} of {name}"
+    return None
 
 
 def compile_model(model: nn.Module, scope: str) -> None:
@@ -289,14 +304,15 @@ def free_memory(device: torch.device) -> None:
 def guarded(fn: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
     """Run one row; an out-of-memory or any other failure becomes that row's status so the next rows still run."""
     try:
-        return fn()
+        row = fn()
     except torch.cuda.OutOfMemoryError as e:
-        return {"status": "oom", "reason": str(e).splitlines()[0]}
+        row = {"status": "oom", "reason": str(e).splitlines()[0]}
     except Exception as e:
         traceback.print_exc()
-        return {"status": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0]}
-    finally:
-        free_memory(device)
+        row = {"status": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0]}
+    # Only here, with the exception and its frames gone, are the failed row's tensors free to be released.
+    free_memory(device)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,7 +373,8 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
     print(f"device: {result['device']} | torch {result['torch']} | timm {result.get('timm')} | {result['date']}",
           file=file)
     print(f"measured peak: {peak['flops'] / 1e12:.2f} TFLOP/s ({peak['dtype']} {peak['size']}^3 matmul, median of "
-          f"{peak['reps']}); {result['dtype']}; step times by {result['clock']}", file=file)
+          f"{peak['reps']}); {result['dtype']}; ours with {result['gelu_ours']} GELU; {result['compile_scope']}-wise "
+          f"compile; step times by {result['clock']}", file=file)
     head = f"{'variant':<8}{'impl':<6}{'mode':<17}{'batch':>6}{'img/s':>10}{'step ms':>10}{'first s':>9}" \
            f"{'mem GiB':>9}{'TFLOP/s':>9}{'MFU':>7}  status"
     print(head, file=file)
@@ -381,11 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         print_table(json.loads(Path(args.report).read_text()))
         return 0
+    error = check_variants(args.variants, args.image_size)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    # An explicit index: torch.cuda.set_device (called by DeepSpeed among others) rejects a bare "cuda".
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
     start = time.monotonic()
 
     import timm
@@ -402,22 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{result['device']}: measured {peak['flops'] / 1e12:.2f} TFLOP/s {peak['dtype']} matmul", flush=True)
 
-    plan: list[tuple[str, int, str, str]] = []
-    for variant, batch in zip(args.variants, args.batches, strict=True):
-        plan += [(variant, batch, impl, mode) for mode in args.modes for impl in args.impls]
-        if args.deepspeed == "auto" and "ours" in args.impls:
-            plan.append((variant, batch, "ours", "deepspeed-zero1"))
+    pairs = list(zip(args.variants, args.batches, strict=True))
+    plan = [(variant, batch, impl, mode) for variant, batch in pairs for mode in args.modes for impl in args.impls]
+    if args.deepspeed == "auto" and "ours" in args.impls:
+        # Last: an engine may keep a reference or a process group alive that the plain rows should not share.
+        plan += [(variant, batch, "ours", "deepspeed-zero1") for variant, batch in pairs]
 
     for variant, batch, impl, mode in plan:
         row: dict[str, Any] = {"variant": variant, "impl": impl, "mode": mode, "batch": batch}
         if args.time_budget is not None and time.monotonic() - start > args.time_budget:
             row.update(status="skipped", reason=f"time budget of {args.time_budget:.0f}s spent")
         else:
-            try:
-                flops = train_flops_per_image(variant, args.image_size, args.num_classes)
-            except (KeyError, ValueError) as e:
-                print(f"error: {variant}: {e}", file=sys.stderr)
-                return 2
+            flops = train_flops_per_image(variant, args.image_size, args.num_classes)
             if mode == "deepspeed-zero1":
                 run_row = functools.partial(deepspeed_row, args, device, variant, batch, flops, peak["flops"])
             else:

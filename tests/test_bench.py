@@ -88,6 +88,19 @@ def test_all_reports_missing_scripts_and_judges_targets(tmp_path):
     assert status == "missing" and raw is None
     assert rows[0]["pass"] is False and "does not exist" in rows[0]["note"]
 
+    failing = tmp_path / "failing.py"
+    failing.write_text("import sys\nprint('cannot reach the endpoint')\nsys.exit(3)\n")
+    status, rows, _ = bench_all.run_one(bench_all.Bench(str(failing), [], 60), tmp_path)
+    assert status == "failed" and "exit 3" in rows[0]["note"] and "cannot reach the endpoint" in rows[0]["note"]
+
+    working = tmp_path / "working.py"
+    working.write_text("import json, sys\nout = sys.argv[sys.argv.index('--json') + 1]\n"
+                       "json.dump({'name': 'loader', 'ours': 30, 'baseline': 10, 'unit': 'images/s/core', "
+                       "'ratio': 3.0}, open(out, 'w'))\n")
+    status, rows, raw = bench_all.run_one(bench_all.Bench(str(working), [], 60), tmp_path)
+    assert status == "ok" and raw["ratio"] == 3.0
+    assert rows[0]["pass"] is True and rows[0]["target"] == ">= 1.5"
+
     loader = bench_all.rows_of({"name": "loader", "ours": 300.0, "baseline": 150.0, "unit": "images/s/core",
                                 "ratio": 2.0})
     assert bench_all.judge(loader[0])["pass"] is True
