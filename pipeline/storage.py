@@ -46,6 +46,14 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
+def _publish(tmp: str, path: str) -> None:
+    """Give a finished temporary file the permissions of a normally created one, then rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Make `data` visible at `url` all at once. Local files go through a temporary name in the same folder and a
     rename; an object store publishes an object only when its upload completes, so a plain put is already atomic."""
@@ -59,7 +67,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            _publish(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -84,7 +92,7 @@ def put_file_atomic(local_path: str, url: str) -> None:
             fs.put_file(local_path, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            _publish(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.model import VARIANTS, count_params, forward_flops, num_tokens, variant_name
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the Mixer variants with their sizes and FLOPs")
@@ -31,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def list_models(args: argparse.Namespace) -> int:
+    from pipeline.model import VARIANTS, count_params, forward_flops, num_tokens
+
     header = ("variant", "layers", "patch", "hidden", "tokens", "D_S", "D_C", "params w/o head", "params w/ head",
               "GFLOPs/img")
     rows = []
@@ -56,6 +56,7 @@ def list_models(args: argparse.Namespace) -> int:
 
 def import_weights(args: argparse.Namespace) -> int:
     from pipeline.convert import load_weights, save_safetensors, weights_format
+    from pipeline.model import num_tokens, variant_name
 
     kwargs = {"gelu": args.gelu} if args.gelu else {}
     try:
