@@ -88,9 +88,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="B/32")
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=3, help="plain steps timed before each save")
-    parser.add_argument("--repeats", type=int, default=2, help="saves (and raw puts) measured")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2, help="plain steps timed before each save")
+    parser.add_argument("--repeats", type=int, default=3, help="saves (and raw puts) measured")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the results as JSON here")
     args = parser.parse_args()
@@ -101,6 +101,7 @@ def main() -> int:
     from pipeline.checkpoint import CheckpointStore
 
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     server, endpoint = start_s3()
     init_single_rank()
     engine, params = build_engine(args.variant, args.image_size, args.batch)
@@ -158,6 +159,7 @@ def main() -> int:
         "params": params,
         "model": f"Mixer-{args.variant} {args.image_size}px, batch {args.batch}, fp32, ZeRO-2, 1 rank",
         "endpoint": endpoint,
+        "wall_s": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(result, indent=2))
     if args.json:

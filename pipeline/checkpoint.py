@@ -518,15 +518,16 @@ def _wait_for_confirmations(commit_url: str, nonce: str, world: int) -> list[dic
 # ---- moving files ---------------------------------------------------------------------------------------------------
 
 def _put_files(local_dir: str, names: list[str], url: str) -> dict[str, dict]:
-    """Upload local_dir/name to url/name for each name, in parallel; returns {name: {bytes, sha256}}."""
-
-    def one(name: str) -> tuple[str, dict]:
-        local = os.path.join(local_dir, name)
-        storage.put_file_atomic(local, storage.join(url, name))
-        return name, {"bytes": os.path.getsize(local), "sha256": _sha256_file(local)}
-
+    """Upload local_dir/name to url/name for each name, in parallel; returns {name: {bytes, sha256}}. The digests
+    are computed while the uploads run, from the same local files."""
     with ThreadPoolExecutor(IO_THREADS) as pool:
-        return dict(sorted(pool.map(one, names)))
+        uploads = [pool.submit(storage.put_file_atomic, os.path.join(local_dir, n), storage.join(url, n))
+                   for n in names]
+        digests = {n: pool.submit(_sha256_file, os.path.join(local_dir, n)) for n in names}
+        for upload in uploads:
+            upload.result()
+        return {n: {"bytes": os.path.getsize(os.path.join(local_dir, n)), "sha256": digests[n].result()}
+                for n in sorted(names)}
 
 
 def _fetch(url: str, manifest: dict, names: list[str], local_dir: str) -> list[str]:
