@@ -7,6 +7,7 @@ to the store itself. Layout under `RUN/checkpoints/`:
 step-000000100/            DeepSpeed files of the step (tag = folder name), meta.json, rank_state-00000.pt ...
 step-000000100/manifest.json   {"step", "time", "world_size", "zero_stage", "files": {name: {bytes, sha256}}}
 step-000000100/universal/  the step converted for another world size (own manifest.json), made on demand
+step-000000100/_commit/    while a save is in flight: one confirmation per rank (its files, sizes, sha256)
 latest                     the newest committed step's folder name
 ```
 The manifest is the commit: written by rank 0 only after every rank has confirmed its uploads, so a step without

@@ -124,7 +124,7 @@ def _unbroken_run(cfg: dict, name: str, stage: int) -> dict:
 
     engine = _engine(stage)
     store = CheckpointStore(f"{cfg['bucket']}/{name}", staging_dir=cfg["staging"])
-    before = _train(engine, range(SAVE_AT))
+    _train(engine, range(SAVE_AT))
     _save(store, engine, SAVE_AT)
     torch.save(_snapshot(engine), f"{cfg['tmp']}/{name}-rank{dist.get_rank()}.pt")
     if stage == 3:
@@ -133,7 +133,7 @@ def _unbroken_run(cfg: dict, name: str, stage: int) -> dict:
             torch.save(gathered, f"{cfg['tmp']}/{name}-gathered.pt")
     after = _train(engine, range(SAVE_AT, SAVE_AT + STEPS_AFTER))
     store.wait()
-    return {"before": before, "after": after}
+    return {"after": after}
 
 
 def _resume(cfg: dict, name: str, stage: int) -> dict:
