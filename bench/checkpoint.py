@@ -48,14 +48,14 @@ def start_s3() -> tuple[object, str]:
 
 
 def init_single_rank() -> None:
-    import deepspeed
+    from pipeline.train import init_distributed
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)})
-    deepspeed.init_distributed("gloo")
+    init_distributed()
 
 
 def build_engine(variant: str, image_size: int, batch: int):

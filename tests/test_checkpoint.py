@@ -252,12 +252,13 @@ def scenario_g2(cfg: dict) -> dict:
 
 
 def _rank_main(scenario: str, config_path: str) -> None:
-    import deepspeed
     import torch
     import torch.distributed as dist
 
+    from pipeline.train import init_distributed
+
     cfg = json.loads(Path(config_path).read_text())
-    deepspeed.init_distributed("gloo")
+    init_distributed()
     out = globals()[f"scenario_{scenario}"](cfg)
     if dist.get_rank() == 0:
         torch.save(out, cfg["result"])
