@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import launch, storage
+from pipeline import config, launch, storage
 from pipeline.checkpoint import CheckpointStore
 from tests.test_train import read_metrics, tiny_spec
 
@@ -110,3 +110,11 @@ def test_a_worker_killed_mid_run_restarts_resumes_and_ends_identical(sample_data
     a, b = final_weights(unbroken), final_weights(url)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(url) == losses(unbroken)
+
+
+def test_no_resume_and_a_changed_spec_are_refused_before_start(sample_dataset, unbroken):
+    with pytest.raises(config.SpecError, match="already holds checkpoints .* --no-resume"):
+        launch.preflight(spec_for(sample_dataset, unbroken), resume=False)
+    with pytest.raises(config.SpecError, match="was started with a different spec"):
+        launch.preflight(spec_for(sample_dataset, unbroken, optim__lr=1e-3))
+    launch.preflight(spec_for(sample_dataset, unbroken, cluster__workers=1))  # another world size is fine
