@@ -94,8 +94,8 @@ def process(data: bytes, policy: ImagePolicy) -> Encoded:
     else:
         rgb = _decode_with_pil(im, size)
     if rgb.size != size:
-        # Antialiased bilinear: after DCT scaling the image is within 1.4x of its target, where bicubic costs a
-        # quarter more time for 0.25 dB less error once the result is JPEG-encoded.
+        # Antialiased bilinear: a DCT-scaled JPEG arrives within 1.4x of its target, where bicubic costs a quarter
+        # more time for 0.25 dB less error once the result is JPEG-encoded.
         rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     if orientation in UPRIGHT:
         rgb = rgb.transpose(UPRIGHT[orientation])
