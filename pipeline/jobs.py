@@ -30,8 +30,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # What a job needs of this repository; everything else (.venv, out/, tests/, benchmarks) stays behind.
 SOURCE_PACKAGES = ("pipeline", "data_prep")
 SPEC_NAME = "spec.yaml"
-# Spec keys that may hold a path; a relative local path means nothing on a cluster, so it is made absolute.
-PATH_KEYS = (("data", "dataset"), ("run", "url"), ("model", "init"))
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -103,18 +101,6 @@ def default_address() -> str | None:
     return address if address.startswith(("http://", "https://")) else None
 
 
-def absolute_local_paths(spec: Spec, base: str) -> list[str]:
-    """Make relative local paths of the spec absolute (against `base`); returns the keys changed."""
-    changed = []
-    for section, key in PATH_KEYS:
-        part = getattr(spec, section)
-        value = getattr(part, key)
-        if value and "://" not in value and not os.path.isabs(value):
-            setattr(part, key, os.path.normpath(os.path.join(base, value)))
-            changed.append(f"{section}.{key}")
-    return changed
-
-
 def package_working_dir(spec: Spec, dest: str) -> str:
     """Copy the job's source packages and the resolved spec into `dest` (the job's working_dir)."""
     for name in SOURCE_PACKAGES:
@@ -145,7 +131,7 @@ def submit(spec_path: str, address: str, overrides: list[str] | None = None, wor
     if workers is not None:
         extra.append(f"cluster.workers={workers}")
     spec = config_lib.load(spec_path, extra)
-    changed = absolute_local_paths(spec, os.getcwd())
+    changed = config_lib.absolute_local_paths(spec, os.getcwd())
     if changed:
         print(f"note: {', '.join(changed)} made absolute; local paths only work on a cluster that shares this "
               "filesystem (use s3:// URLs on a real cluster)", file=out)
