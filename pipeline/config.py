@@ -89,7 +89,7 @@ class BatchSpec:
 @dataclass
 class DeepSpeedSpec:
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool = True
+    bf16: bool = False  # GPU specs turn it on
     offload_optimizer: bool = False
 
 
@@ -323,7 +323,13 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"data.crop_scale: {list(d.crop_scale)} must satisfy 0 < low <= high <= 1")
     positive = {"batch.global": b.global_, "batch.micro": b.micro, "cluster.workers": c.workers,
                 "data.streams": d.streams, "checkpoint.keep_last": spec.checkpoint.keep_last,
-                "eval.batch_size": spec.eval.batch_size}
+                "eval.batch_size": spec.eval.batch_size, "run.log_every": spec.run.log_every}
+    if s.total_steps is not None:
+        positive["schedule.total_steps"] = s.total_steps
+    if s.epochs is not None:
+        positive["schedule.epochs"] = s.epochs
+    if spec.run.stop_after is not None:
+        positive["run.stop_after"] = spec.run.stop_after
     for name, value in positive.items():
         if value <= 0:
             raise SpecError(f"{name}: must be positive, got {value}")
@@ -343,6 +349,10 @@ def validate(spec: Spec) -> None:
         )
     if (s.epochs is None) == (s.total_steps is None):
         raise SpecError("schedule: give exactly one of schedule.epochs or schedule.total_steps")
+    for name, value in (("checkpoint.every_steps", spec.checkpoint.every_steps),
+                        ("eval.every_steps", spec.eval.every_steps)):
+        if value < 0:
+            raise SpecError(f"{name}: must be >= 0 (0 turns it off), got {value}")
     if s.warmup_steps < 0:
         raise SpecError(f"schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
     if spec.deepspeed.bf16 and c.gpus_per_worker == 0:

@@ -27,6 +27,9 @@ def preflight(spec: Spec, *, resume: bool = True, resume_from: str | None = None
         info = data.check_dataset(spec.data.dataset)
     except DatasetError as e:
         raise SpecError(f"data.dataset: {e}") from e
+    if spec.model.num_classes is not None and spec.model.num_classes != info.num_classes:
+        raise SpecError(f"model.num_classes={spec.model.num_classes} but {spec.data.dataset} has {info.num_classes} "
+                        "classes; drop model.num_classes to take the dataset's")
     if info.multi_label and spec.loss != "sigmoid":
         raise SpecError(f"loss: {spec.data.dataset} is multi-label; multi-label datasets need `loss: sigmoid`")
     for split in filter(None, (spec.data.train_split, spec.data.eval_split)):
@@ -71,7 +74,7 @@ def _worker(cfg: dict[str, Any]) -> None:
     from pipeline.train import train
 
     spec = config_lib.from_dict(cfg["spec"])
-    train(spec, resume=cfg["resume"], resume_from=cfg["resume_from"])
+    train(spec, resume_from=cfg["resume_from"])
 
 
 def run(spec: Spec, *, ray_address: str | None = None, resume: bool = True, resume_from: str | None = None,
@@ -96,7 +99,7 @@ def run(spec: Spec, *, ray_address: str | None = None, resume: bool = True, resu
         resources["GPU"] = c.gpus_per_worker
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"spec": spec.to_dict(), "resume": resume, "resume_from": resume_from, "env": env},
+        train_loop_config={"spec": spec.to_dict(), "resume_from": resume_from, "env": env},
         scaling_config=ray.train.ScalingConfig(num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if c.gpus_per_worker else "gloo"),

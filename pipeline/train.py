@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import random
+import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +45,7 @@ class Plan:
     num_classes: int
     multi_label: bool
     total_steps: int
-    grad_accum: int
-    micro_batches_per_rank: int
+    micro_batches_per_rank: int  # DeepSpeed's gradient accumulation steps
     steps_per_epoch: int
 
 
@@ -64,7 +65,6 @@ def make_plan(spec: Spec, info: Any, world_size: int, steps_per_epoch: int) -> P
         num_classes=spec.model.num_classes or info.num_classes,
         multi_label=info.multi_label,
         total_steps=total,
-        grad_accum=per_rank // spec.batch.micro,
         micro_batches_per_rank=per_rank // spec.batch.micro,
         steps_per_epoch=steps_per_epoch,
     )
@@ -82,20 +82,27 @@ def model_kwargs(spec: Spec) -> dict[str, Any]:
 
 
 def build_model(spec: Spec, num_classes: int) -> torch.nn.Module:
-    from pipeline import convert, model
+    from pipeline import model
 
     if spec.model.init:
-        src = spec.model.init
-        if not src.endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
-            from pipeline.checkpoint import export
-
-            src = export(src, os.path.join(_scratch_dir(), "init.safetensors"), format="safetensors")
-        net = convert.load_weights(src, num_classes=num_classes, image_size=spec.model.image_size, **model_kwargs(spec))
+        net = _load_any_weights(spec.model.init, num_classes=num_classes, image_size=spec.model.image_size,
+                                **model_kwargs(spec))
         if spec.model.init_head == "reset":
             net.reset_head()
         return net
     return model.build(spec.model.variant, num_classes=num_classes, image_size=spec.model.image_size,
                        **model_kwargs(spec))
+
+
+def _load_any_weights(src: str, **kwargs: Any) -> torch.nn.Module:
+    """Weights from a file (.npz, .safetensors, timm .pth/.bin) or from a run or step URL, consolidated on the fly."""
+    from pipeline import convert
+    from pipeline.checkpoint import export
+
+    if src.endswith(tuple(convert.WEIGHT_FORMATS)):
+        return convert.load_weights(src, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="mixer-weights-") as tmp:
+        return convert.load_weights(export(src, os.path.join(tmp, "weights.safetensors")), **kwargs)
 
 
 def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -126,7 +133,7 @@ def deepspeed_config(spec: Spec, plan: Plan, world_size: int, on_gpu: bool) -> d
     cfg: dict[str, Any] = {
         "train_batch_size": spec.batch.global_,
         "train_micro_batch_size_per_gpu": spec.batch.micro,
-        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_accumulation_steps": plan.micro_batches_per_rank,
         "gradient_clipping": o.clip_grad_norm or 0.0,
         "zero_optimization": {"stage": spec.deepspeed.zero_stage},
         "bf16": {"enabled": spec.deepspeed.bf16 and on_gpu},
@@ -188,15 +195,13 @@ def evaluate(engine: Any, spec: Spec, info: Any, rank: int, world_size: int, dev
 
 def evaluate_weights(spec: Spec, weights: str, split: str | None = None) -> dict[str, float]:
     """`mixer eval`: one process evaluates a checkpoint (run or step URL) or exported weights on a split."""
-    from pipeline import convert
-    from pipeline.checkpoint import export
-
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{_scratch_dir()}/rendezvous", rank=0, world_size=1)
-    if not weights.endswith((".npz", ".safetensors", ".pth", ".pt", ".bin")):
-        weights = export(weights, os.path.join(_scratch_dir(), "eval.safetensors"), format="safetensors")
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     info = data.check_dataset(spec.data.dataset)
-    net = convert.load_weights(weights, image_size=spec.model.image_size, gelu=spec.model.gelu)
+    net = _load_any_weights(weights, image_size=spec.model.image_size, gelu=spec.model.gelu)
+    if net.num_classes != info.num_classes:
+        raise ResumeError(f"{weights}: a head of {net.num_classes} classes cannot be scored on {spec.data.dataset}, "
+                          f"which has {info.num_classes}")
     if split:
         spec.data.eval_split = split
     return evaluate(net, spec, info, 0, 1, torch.device("cpu"))
@@ -228,8 +233,11 @@ def seed_everything(seed: int, step: int, rank: int) -> None:
 # the loop
 
 
-def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) -> dict[str, Any]:
-    """Train `spec` on this process's rank of the current torch.distributed group. Returns the final metrics."""
+def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
+    """Train `spec` on this process's rank of the current torch.distributed group. Returns the final metrics.
+
+    The run's own newest committed checkpoint always wins, so that workers restarted after a failure continue the
+    run; `resume_from` (a step URL, possibly of another run) is used only while the run has no checkpoint yet."""
     import deepspeed
 
     from pipeline.checkpoint import CheckpointStore
@@ -271,9 +279,10 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
 
     # Resume
     step = 0
-    if resume_from or (resume and store.latest() is not None):
-        step, client, rank_state = store.load(engine, url=resume_from) if resume_from else store.load(engine)
-        if client.get("spec_hash") != spec.hash() and not resume_from:
+    own = store.latest() is not None
+    if own or resume_from:
+        step, client, rank_state = store.load(engine) if own else store.load(engine, url=resume_from)
+        if client.get("spec_hash") != spec.hash() and own:
             raise ResumeError(
                 f"{spec.run.url}: its checkpoints were written by a different spec (hash {client.get('spec_hash')} "
                 f"vs {spec.hash()}); use a new run.url, or --resume-from to start from these weights on purpose")
@@ -357,6 +366,8 @@ def train(spec: Spec, *, resume: bool = True, resume_from: str | None = None) ->
             save(step)
         store.wait()
         mlog.close()
+        if progress is not None:
+            progress.close()
         dist.barrier()
         return {"step": step, "eval": last_eval, "export": None, "stopped": True}
 
@@ -418,10 +429,10 @@ def _progress(rank: int, start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
 
 
-def _scratch_dir() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="mixer-")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,8 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-resume", action="store_true")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from pipeline import launch
+
     spec = config_lib.load(args.spec, args.overrides)
-    train(spec, resume=not args.no_resume, resume_from=args.resume_from)
+    config_lib.absolute_local_paths(spec, os.getcwd())
+    launch.preflight(spec, resume=not args.no_resume, resume_from=args.resume_from)
+    if os.environ.get("RANK", "0") == "0":
+        storage.write_bytes_atomic(storage.join(spec.run.url, "config.yaml"), spec.to_yaml().encode())
+    train(spec, resume_from=args.resume_from)
     return 0
 
 

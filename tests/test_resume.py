@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 from pipeline import config, launch, storage
 from pipeline.checkpoint import CheckpointStore
@@ -18,10 +18,7 @@ STEPS, HALF = 40, 20
 
 
 def final_weights(run_url: str) -> dict[str, torch.Tensor]:
-    fs, path = storage.filesystem(storage.join(run_url, "exports", f"step-{STEPS:09d}.safetensors"))
-    local = f"/tmp/{abs(hash(run_url))}.safetensors"
-    fs.get_file(path, local)
-    return load_file(local)
+    return load(storage.read_bytes(storage.join(run_url, "exports", f"step-{STEPS:09d}.safetensors")))
 
 
 def losses(run_url: str) -> dict[int, float]:
@@ -88,17 +85,18 @@ def _train_workers() -> list[psutil.Process]:
 def test_a_worker_killed_mid_run_restarts_resumes_and_ends_identical(sample_dataset, unbroken):
     url = "s3://resume-runs/killed"
     spec = spec_for(sample_dataset, url, cluster__max_failures=2)
-    killed: list[int] = []
+    killed: list[int] = []  # the step committed when the worker was killed
 
     def kill_after_first_checkpoint() -> None:
         store = CheckpointStore(storage.join(url, "checkpoints"))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
-            if (store.latest() or 0) >= 10:
+            committed = store.latest() or 0
+            if committed >= 10:
                 workers = _train_workers()
                 if workers:
                     workers[-1].kill()  # SIGKILL
-                    killed.append(workers[-1].pid)
+                    killed.append(committed)
                     return
             time.sleep(0.05)
 
@@ -107,6 +105,7 @@ def test_a_worker_killed_mid_run_restarts_resumes_and_ends_identical(sample_data
     launch.run(spec)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
+    assert killed[0] < STEPS, "the worker died after training had finished: nothing was resumed"
     a, b = final_weights(unbroken), final_weights(url)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(url) == losses(unbroken)
@@ -118,3 +117,24 @@ def test_no_resume_and_a_changed_spec_are_refused_before_start(sample_dataset, u
     with pytest.raises(config.SpecError, match="was started with a different spec"):
         launch.preflight(spec_for(sample_dataset, unbroken, optim__lr=1e-3))
     launch.preflight(spec_for(sample_dataset, unbroken, cluster__workers=1))  # another world size is fine
+
+
+def test_the_same_trainer_under_torchrun_gives_the_same_run(sample_dataset, unbroken, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    url = "s3://resume-runs/torchrun"
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(spec_for(sample_dataset, url).to_yaml())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "pipeline.train", str(spec_path)],
+        check=True, timeout=600,
+    )
+    assert losses(url) == losses(unbroken)
+    a, b = final_weights(unbroken), final_weights(url)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,6 +1,6 @@
 """The job specs in jobs/: each loads and validates, and the pre-training ones match the paper's recipe.
 
-The expected numbers are typed from REFERENCE.md section 3 (paper Appendix B, Table 4), not read from the specs.
+The expected numbers are typed from the paper (Appendix B, Table 4), not read from the specs.
 """
 
 from __future__ import annotations
