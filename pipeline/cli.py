@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # Module names, in the order their commands appear in `mixer --help`.
-COMMAND_GROUPS = ("models", "data", "train", "checkpoints", "jobs", "quickstart")
+COMMAND_GROUPS = ("models", "data", "train", "checkpoints", "jobs", "plan", "plot", "quickstart")
 
 EPILOG = """\
 the three journeys:

@@ -1,4 +1,4 @@
-"""`mixer submit`, `mixer jobs`, `mixer plan` and `mixer plot`: running on a cluster, and looking before and after."""
+"""`mixer submit` and `mixer jobs`: running on a Ray cluster through the Ray Jobs API."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import datetime
 import json
 import sys
+
+from pipeline.commands import fail
 
 SUBMIT_EPILOG = """\
 examples:
@@ -59,37 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _address_option(a)
     a.set_defaults(func=run_jobs_stop)
 
-    p = sub.add_parser("plan", help="memory per GPU (ZeRO 1/2/3), steps, checkpoint size and time for a spec",
-                       description="Estimate, before running, what a spec needs on N GPUs: model states and "
-                                   "activations per GPU for ZeRO 1, 2 and 3 (with and without activation "
-                                   "checkpointing), the number of steps, the checkpoint size and the wall time.")
-    p.add_argument("spec")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (one training worker each)")
-    p.add_argument("--gpu-memory", type=float, default=None, metavar="GiB", help="flag what does not fit in this")
-    speed = p.add_mutually_exclusive_group()
-    speed.add_argument("--images-per-sec", type=float, default=None, metavar="X",
-                       help="training throughput per GPU, for the wall time")
-    speed.add_argument("--from-run", default=None, metavar="RUN",
-                       help="take the throughput per GPU measured by a run (RUN/metrics.jsonl)")
-    p.add_argument("--train-samples", type=int, default=None, metavar="N",
-                   help="train split size, when the dataset is not reachable from here")
-    p.add_argument("--num-classes", type=int, default=None, metavar="K",
-                   help="classes, when neither model.num_classes nor the dataset gives them")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.set_defaults(func=run_plan)
-
-    p = sub.add_parser("plot", help="plot a run's loss, lr, throughput and eval curves to a PNG",
-                       description="Plot RUN/metrics.jsonl (any URL) to a PNG.")
-    p.add_argument("run", help="run folder URL")
-    p.add_argument("--out", default=None, help="PNG path or URL (default: RUN/plots/metrics.png)")
-    p.set_defaults(func=run_plot)
-
-
-def _fail(message: object) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
 
 def run_submit(args: argparse.Namespace) -> int:
     from pipeline import jobs
@@ -98,14 +69,14 @@ def run_submit(args: argparse.Namespace) -> int:
     try:
         job_id = jobs.submit(args.spec, args.address, args.overrides, args.workers)
     except (SpecError, jobs.JobsError) as e:
-        return _fail(e)
+        return fail(e)
     if not args.follow:
         print(f"follow it with: mixer jobs logs {job_id} --follow --address {args.address}")
         return 0
     try:
         status = jobs.follow(args.address, job_id)
     except jobs.JobsError as e:
-        return _fail(e)
+        return fail(e)
     except KeyboardInterrupt:
         print(f"\nstopped following; the job runs on. Stop it with: mixer jobs stop {job_id} --address "
               f"{args.address}", file=sys.stderr)
@@ -126,7 +97,7 @@ def run_jobs_list(args: argparse.Namespace) -> int:
     try:
         found = jobs.list_jobs(args.address)
     except jobs.JobsError as e:
-        return _fail(e)
+        return fail(e)
     print(f"{'job':<44}  {'status':<10}  {'started':<19}  {'spec':<32}  run")
     for job in found:
         meta = job.metadata or {}
@@ -142,7 +113,7 @@ def run_jobs_status(args: argparse.Namespace) -> int:
     try:
         info = jobs.job_info(args.address, args.job_id)
     except jobs.JobsError as e:
-        return _fail(e)
+        return fail(e)
     print(f"job {args.job_id}: {info.status.value}")
     print(f"  started   {_time(info.start_time)}")
     print(f"  ended     {_time(info.end_time)}")
@@ -162,7 +133,7 @@ def run_jobs_logs(args: argparse.Namespace) -> int:
             return 0 if status == "SUCCEEDED" else 1
         print(jobs.job_logs(args.address, args.job_id), end="")
     except jobs.JobsError as e:
-        return _fail(e)
+        return fail(e)
     return 0
 
 
@@ -172,35 +143,7 @@ def run_jobs_stop(args: argparse.Namespace) -> int:
     try:
         status = jobs.stop(args.address, args.job_id)
     except jobs.JobsError as e:
-        return _fail(e)
+        return fail(e)
     print(f"job {args.job_id}: {status}")
     return 0 if status == "STOPPED" else 1
 
-
-def run_plan(args: argparse.Namespace) -> int:
-    from pipeline import config, plan
-    from pipeline.config import SpecError
-
-    try:
-        spec = config.load(args.spec, args.overrides)
-        speed = args.images_per_sec
-        if args.from_run:
-            speed = plan.measured_images_per_s_per_gpu(args.from_run)
-        result = plan.make_plan(spec, args.gpus, spec_path=args.spec, gpu_memory_gib=args.gpu_memory,
-                                images_per_s_per_gpu=speed, train_samples=args.train_samples,
-                                num_classes=args.num_classes)
-    except (SpecError, plan.PlanError) as e:
-        return _fail(e)
-    print(plan.to_json(result) if args.json else plan.render(result, spec))
-    return 0
-
-
-def run_plot(args: argparse.Namespace) -> int:
-    from pipeline.plot import PlotError, plot_run
-
-    try:
-        out = plot_run(args.run, args.out)
-    except PlotError as e:
-        return _fail(e)
-    print(f"wrote {out}")
-    return 0
