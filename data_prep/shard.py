@@ -8,7 +8,6 @@ point costs at most the shard in progress, which the next run redoes.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -32,7 +31,6 @@ PROGRESS = "_progress"
 KILL_ONCE_ENV = "MIXER_PREP_KILL_ONCE"
 READ_THREADS = 8
 READ_AHEAD = 32
-HASH_CHUNK = 1 << 20
 
 
 def shard_url(dest: str, name: str) -> str:
@@ -41,17 +39,6 @@ def shard_url(dest: str, name: str) -> str:
 
 def stats_url(dest: str, name: str) -> str:
     return storage.join(dest, PROGRESS, name.removesuffix(".tar") + ".json")
-
-
-def sha256_of(url: str) -> tuple[int, str]:
-    """(size, sha256) of the object at `url`, streamed."""
-    fs, path = storage.filesystem(url)
-    h, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return size, h.hexdigest()
 
 
 def completed(dest: str, name: str) -> dict[str, Any] | None:
@@ -68,7 +55,7 @@ def completed(dest: str, name: str) -> dict[str, Any] | None:
             return None
     except FileNotFoundError:
         return None
-    return stats if sha256_of(shard_url(dest, name))[1] == stats.get("sha256") else None
+    return stats if storage.sha256_of(shard_url(dest, name))[1] == stats.get("sha256") else None
 
 
 def write_shard(
@@ -100,7 +87,7 @@ def write_shard(
         stats: dict[str, Any] = {"name": shard.name, "split": shard.split, "inputs": len(shard.samples),
                                  "samples": samples, "bytes": 0, "sha256": None}
         if samples:
-            size, digest = sha256_of(local)
+            size, digest = storage.sha256_of(local)
             stats.update(bytes=size, sha256=digest)
             _maybe_kill_self()
             storage.put_file_atomic(local, shard_url(dest, shard.name))

@@ -524,7 +524,7 @@ def _put_files(local_dir: str, names: list[str], url: str) -> dict[str, dict]:
     with ThreadPoolExecutor(IO_THREADS) as pool:
         uploads = [pool.submit(storage.put_file_atomic, os.path.join(local_dir, n), storage.join(url, n))
                    for n in names]
-        digests = {n: pool.submit(_sha256_file, os.path.join(local_dir, n)) for n in names}
+        digests = {n: pool.submit(_local_sha256, os.path.join(local_dir, n)) for n in names}
         for upload in uploads:
             upload.result()
         return {n: {"bytes": os.path.getsize(os.path.join(local_dir, n)), "sha256": digests[n].result()}
@@ -539,14 +539,14 @@ def _fetch(url: str, manifest: dict, names: list[str], local_dir: str) -> list[s
     def one(name: str) -> str | None:
         want = manifest["files"][name]
         local = os.path.join(local_dir, name)
-        if os.path.exists(local) and os.path.getsize(local) == want["bytes"] and _sha256_file(local) == want["sha256"]:
+        if os.path.exists(local) and os.path.getsize(local) == want["bytes"] and _local_sha256(local) == want["sha256"]:
             return None
         os.makedirs(os.path.dirname(local), exist_ok=True)
         tmp = f"{local}.part-{uuid.uuid4().hex[:8]}"
         try:
             fs, path = storage.filesystem(storage.join(url, name))
             fs.get_file(path, tmp)
-            digest = _sha256_file(tmp)
+            digest = _local_sha256(tmp)
             if digest != want["sha256"]:
                 return (f"{url}/{name}: sha256 {digest[:16]}... does not match the manifest's {want['sha256'][:16]}... "
                         "(the file was altered or truncated in the store); load another step")
@@ -564,28 +564,22 @@ def _fetch(url: str, manifest: dict, names: list[str], local_dir: str) -> list[s
 
 def _verify_remote(step_url: str, manifest: dict) -> list[str]:
     """Re-read every file of a step from the store; returns the files whose size or sha256 differ."""
-    fs, path = storage.filesystem(step_url)
 
     def bad(name: str) -> bool:
         want = manifest["files"][name]
-        h, size = hashlib.sha256(), 0
         try:
-            with fs.open(posixpath.join(path, name), "rb", block_size=8 << 20) as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
+            size, digest = storage.sha256_of(storage.join(step_url, name))
         except FileNotFoundError:
             return True
-        return size != want["bytes"] or h.hexdigest() != want["sha256"]
+        return size != want["bytes"] or digest != want["sha256"]
 
     names = sorted(manifest["files"])
     with ThreadPoolExecutor(IO_THREADS) as pool:
         return [n for n, b in zip(names, pool.map(bad, names), strict=True) if b]
 
 
-def _sha256_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def _local_sha256(path: str) -> str:
+    return storage.sha256_of(path)[1]
 
 
 def _walk(folder: str) -> list[str]:

@@ -6,6 +6,7 @@ from specs, so that worker processes started by Ray or torchrun see the same obj
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -52,6 +53,17 @@ def _publish(tmp: str, path: str) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def sha256_of(url: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
+    """(size, sha256) of the file or object at `url`, streamed."""
+    fs, path = filesystem(url)
+    h, size = hashlib.sha256(), 0
+    with fs.open(path, "rb", block_size=chunk_size) as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:
