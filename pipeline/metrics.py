@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
@@ -56,14 +57,18 @@ class MetricsLog:
             for line in storage.read_bytes(self.url).decode().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     self._lines.append(line)
-        tb_dir = storage.join(run_url, "tensorboard")
-        if not storage.is_local(run_url):
-            tb_dir = tempfile.mkdtemp(prefix="mixer-tb-")
+        tb_url = storage.join(run_url, "tensorboard")
+        if storage.is_local(run_url):
+            self._tb_local, self._tb_remote = storage.filesystem(tb_url)[1], None
+            os.makedirs(self._tb_local, exist_ok=True)
         else:
-            os.makedirs(storage.filesystem(tb_dir)[1], exist_ok=True)
-            tb_dir = storage.filesystem(tb_dir)[1]
-        self._tb_local = tb_dir
-        self._tb_remote = None if storage.is_local(run_url) else storage.join(run_url, "tensorboard")
+            # Event files are appended to locally and published whole; the earlier attempts' files come down first
+            # so that the purge below hides their steps past the resumed one.
+            self._tb_local, self._tb_remote = tempfile.mkdtemp(prefix="mixer-tb-"), tb_url
+            fs, path = storage.filesystem(tb_url)
+            if fs.exists(path):
+                fs.get(path + "/", self._tb_local + "/", recursive=True)
+        tb_dir = self._tb_local
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(tb_dir, purge_step=resume_step + 1 if resume_step else None)
@@ -91,8 +96,10 @@ class MetricsLog:
 
     def close(self) -> None:
         if self.enabled:
-            self.flush()
             self._tb.close()
+            self.flush()
+            if self._tb_remote:
+                shutil.rmtree(self._tb_local, ignore_errors=True)
 
 
 def format_eta(seconds: float) -> str:
