@@ -41,6 +41,34 @@ def mfu(images_per_s: float, train_flops_per_image: float, peak_per_device: floa
     return images_per_s * train_flops_per_image / (peak_per_device * devices)
 
 
+class MetricsError(ValueError):
+    """A run whose metrics cannot be read; the message names the file and what to do."""
+
+
+def read_records(run_url: str) -> list[dict[str, Any]]:
+    """The records of RUN/metrics.jsonl in file order; a missing or malformed file raises MetricsError."""
+    url = storage.join(run_url, "metrics.jsonl")
+    try:
+        text = storage.read_bytes(url).decode()
+    except FileNotFoundError as e:
+        raise MetricsError(
+            f"{url} does not exist: {run_url} is not a run folder, or its trainer has not logged yet "
+            "(metrics are published every 30 s and at each checkpoint)"
+        ) from e
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise MetricsError(f"{url}, line {number}: not a JSON object ({e})") from e
+        if not isinstance(record, dict) or "step" not in record:
+            raise MetricsError(f"{url}, line {number}: expected a JSON object with a 'step', got {line[:80]!r}")
+        records.append(record)
+    return records
+
+
 class MetricsLog:
     """Append-only metrics for one run, written by rank 0 only (`enabled`)."""
 
@@ -54,9 +82,7 @@ class MetricsLog:
         if not enabled:
             return
         if storage.exists(self.url):
-            for line in storage.read_bytes(self.url).decode().splitlines():
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
-                    self._lines.append(line)
+            self._lines = [json.dumps(r) for r in read_records(run_url) if r["step"] <= resume_step]
         tb_url = storage.join(run_url, "tensorboard")
         if storage.is_local(run_url):
             self._tb_local, self._tb_remote = storage.filesystem(tb_url)[1], None
@@ -79,7 +105,7 @@ class MetricsLog:
         self._lines.append(json.dumps(record))
         kind = record.get("kind", "train")
         for key, value in record.items():
-            if key not in ("kind", "step", "time") and isinstance(value, int | float) and value is not None:
+            if key not in ("kind", "step", "time") and isinstance(value, int | float):
                 self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
         if time.monotonic() - self._last_flush > self.flush_every_s:
             self.flush()

@@ -151,11 +151,11 @@ def read_dataset(spec: Spec) -> tuple[DatasetInfo | None, str]:
 
 def measured_images_per_s_per_gpu(run_url: str) -> float:
     """Median throughput of a run's logged train steps, per GPU (per worker on CPU runs)."""
-    from pipeline.plot import PlotError, read_metrics
+    from pipeline.metrics import MetricsError, read_records
 
     try:
-        records = read_metrics(run_url)
-    except PlotError as e:
+        records = read_records(run_url)
+    except MetricsError as e:
         raise PlanError(str(e)) from e
     speeds = [r["images_per_s"] for r in records if r.get("kind", "train") == "train" and r.get("images_per_s")]
     if not speeds:

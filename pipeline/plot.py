@@ -6,40 +6,10 @@ The run may live at any fsspec URL; so may the PNG, which is written atomically 
 from __future__ import annotations
 
 import io
-import json
 from typing import Any
 
 from pipeline import storage
-
-
-class PlotError(ValueError):
-    """A run whose metrics cannot be plotted; the message names the file and what to do."""
-
-
-def read_metrics(run_url: str) -> list[dict[str, Any]]:
-    """The records of RUN/metrics.jsonl in file order; a missing, empty or malformed file raises PlotError."""
-    url = storage.join(run_url, "metrics.jsonl")
-    try:
-        text = storage.read_bytes(url).decode()
-    except FileNotFoundError as e:
-        raise PlotError(
-            f"{url} does not exist: {run_url} is not a run folder, or its trainer has not logged yet "
-            "(metrics are published every 30 s and at each checkpoint)"
-        ) from e
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise PlotError(f"{url}, line {number}: not a JSON object ({e})") from e
-        if not isinstance(record, dict) or "step" not in record:
-            raise PlotError(f"{url}, line {number}: expected a JSON object with a 'step', got {line[:80]!r}")
-        records.append(record)
-    if not records:
-        raise PlotError(f"{url} holds no records yet; plot again once the run has logged a few steps")
-    return records
+from pipeline.metrics import MetricsError, read_records
 
 
 def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -96,6 +66,10 @@ def plot_run(run_url: str, out: str | None = None) -> str:
     """Plot RUN/metrics.jsonl to `out` (default RUN/plots/metrics.png); returns where the PNG went."""
     run_url = run_url.rstrip("/")
     out = out or storage.join(run_url, "plots", "metrics.png")
-    png = render(read_metrics(run_url), title=run_url)
+    records = read_records(run_url)
+    if not records:
+        raise MetricsError(f"{storage.join(run_url, 'metrics.jsonl')} holds no records yet; plot again once the run "
+                           "has logged a few steps")
+    png = render(records, title=run_url)
     storage.write_bytes_atomic(out, png)
     return out

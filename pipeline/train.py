@@ -43,7 +43,6 @@ class Plan:
     """What the spec and the dataset decide before the first step."""
 
     num_classes: int
-    multi_label: bool
     total_steps: int
     micro_batches_per_rank: int  # DeepSpeed's gradient accumulation steps
     steps_per_epoch: int
@@ -59,11 +58,8 @@ def make_plan(spec: Spec, info: Any, world_size: int, steps_per_epoch: int) -> P
         total = spec.schedule.total_steps
     else:
         total = math.ceil(spec.schedule.epochs * steps_per_epoch)
-    if spec.loss == "softmax" and info.multi_label:
-        log.warning("multi-label dataset trained with a softmax loss: targets are normalised to sum to one")
     return Plan(
         num_classes=spec.model.num_classes or info.num_classes,
-        multi_label=info.multi_label,
         total_steps=total,
         micro_batches_per_rank=per_rank // spec.batch.micro,
         steps_per_epoch=steps_per_epoch,

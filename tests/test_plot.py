@@ -9,7 +9,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.cli import main
-from pipeline.plot import PlotError, plot_run
+from pipeline.metrics import MetricsError
+from pipeline.plot import plot_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,7 +56,7 @@ def test_plot_reads_and_writes_s3(bucket, tmp_path):
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
-    with pytest.raises(PlotError, match=r"metrics.jsonl does not exist: .* is not a run folder"):
+    with pytest.raises(MetricsError, match=r"metrics.jsonl does not exist: .* is not a run folder"):
         plot_run(str(tmp_path))
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err
@@ -63,5 +64,5 @@ def test_missing_metrics_is_a_clear_error(tmp_path, capsys):
 
 def test_malformed_line_names_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(synthetic_metrics(10) + "{not json\n")
-    with pytest.raises(PlotError, match=r"metrics.jsonl, line 3: not a JSON object"):
+    with pytest.raises(MetricsError, match=r"metrics.jsonl, line 3: not a JSON object"):
         plot_run(str(tmp_path))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 
 from pipeline import config, launch, storage
+from pipeline.metrics import read_records
 
 
 def tiny_spec(dataset: str, run_url: str, **overrides) -> config.Spec:
@@ -33,7 +33,7 @@ def tiny_spec(dataset: str, run_url: str, **overrides) -> config.Spec:
 
 
 def read_metrics(run_url: str) -> tuple[list[dict], list[dict]]:
-    lines = [json.loads(x) for x in storage.read_bytes(storage.join(run_url, "metrics.jsonl")).decode().splitlines()]
+    lines = read_records(run_url)
     return [x for x in lines if x["kind"] == "train"], [x for x in lines if x["kind"] == "eval"]
 
 

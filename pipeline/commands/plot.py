@@ -16,11 +16,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    from pipeline.plot import PlotError, plot_run
+    from pipeline.metrics import MetricsError
+    from pipeline.plot import plot_run
 
     try:
         out = plot_run(args.run, args.out)
-    except PlotError as e:
+    except MetricsError as e:
         return fail(e)
     print(f"wrote {out}")
     return 0
