@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Training-speed benchmark for a GPU machine:  OUT=/some/dir bash bench/gpu.sh   (OUT defaults to ./out/gpu)
 #
-# Runs bench/model.py from the repository root: our MlpMixer and timm's, eager and torch.compile'd, B/16, L/16 and
-# H/14 at 224 in bf16 autocast, plus a DeepSpeed ZeRO-1 row when deepspeed imports. Writes $OUT/bench.json and
+# Runs bench/model.py from the repository root: our MlpMixer and timm's, eager and torch.compile'd (whole model), B/16,
+# L/16 and H/14 at 224, each model in its own training script's bf16 recipe (ours: DeepSpeed's bf16 mode, timm:
+# --amp), then a DeepSpeed ZeRO-1 row per variant when deepspeed imports, then each model in the other's recipe. Writes $OUT/bench.json and
 # $OUT/table.txt (both rewritten after every row, so a stopped run keeps what it finished), $OUT/bench.log and
 # $OUT/env.txt, and prints the table. Rows not started within BUDGET seconds are skipped; the whole run is stopped
 # after LIMIT seconds.
 # Without a CUDA device it runs the tiny variant on CPU instead. Installs nothing.
 #
-# Overrides: PYTHON, VARIANTS (B/16,L/16,H/14), BATCH (512,256,96), BUDGET (360), LIMIT (450).
+# Overrides: PYTHON, VARIANTS (B/16,L/16,H/14), BATCH (512,256,128), BUDGET (470), LIMIT (560).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 
@@ -47,9 +48,9 @@ eval "$PROBE"
 } > "$OUT/env.txt" 2>&1
 
 if [ "$CUDA" = 1 ]; then
-    ARGS=(--device cuda --variants "${VARIANTS:-B/16,L/16,H/14}" --batch "${BATCH:-512,256,96}"
-          --time-budget "${BUDGET:-360}")
-    LIMIT="${LIMIT:-450}"
+    ARGS=(--device cuda --variants "${VARIANTS:-B/16,L/16,H/14}" --batch "${BATCH:-512,256,128}"
+          --compile-scope model --cross --time-budget "${BUDGET:-470}")
+    LIMIT="${LIMIT:-560}"
 else
     ARGS=(--device cpu --threads 1 --variants tiny --image-size 32 --batch 32 --time-budget "${BUDGET:-240}")
     LIMIT="${LIMIT:-300}"

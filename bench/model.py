@@ -1,12 +1,19 @@
 """Training-step speed of our MlpMixer next to timm's, eager and compiled, plus the DeepSpeed ZeRO-1 overhead.
 
-A step is forward, cross-entropy, backward and an AdamW step on a fixed random batch (bf16 autocast on GPU, fp32 on
-CPU). Each row reports the median step time over `--iters` timed steps after `--warmup` untimed ones, images/s, peak
+A step is forward, cross-entropy, backward and an AdamW step on a fixed random batch. Each model trains in the
+precision recipe of its own training script (`--precision auto`): ours as pipeline/train.py runs it under DeepSpeed's
+bf16 mode (bf16 weights, inputs and gradients, fp32 master weights and AdamW state, no autocast: the engine turns
+an outer autocast off), timm's as
+its train.py runs it with `--amp` (fp32 weights, bf16 autocast); on CPU both in fp32. `--cross` adds each model in
+the other's recipe, so the model and the recipe can be told apart.
+
+Each row reports the median step time over `--iters` timed steps after `--warmup` untimed ones, images/s, peak
 memory, achieved TFLOP/s and MFU. Training FLOPs are 3x the forward matmul FLOPs of `pipeline.model.forward_flops`;
 the peak they are divided by is measured here, on the same device, with one large matmul, so MFU never depends on a
 table of vendor figures.
 
     python bench/model.py                                            # GPU: B/16, L/16, H/14 at 224
+    python bench/model.py --variants L/16 --modes compile --cross     # both recipes for both models
     python bench/model.py --device cpu --variants tiny --image-size 32 --batch 32 --json out.json
     python bench/model.py --report out.json                          # print the table of a saved run
 
@@ -37,21 +44,31 @@ from torch import nn
 
 IMPLS = ("ours", "timm")
 MODES = ("eager", "compile")
-DEFAULT_BATCH = {"B/16": 256, "L/16": 128, "H/14": 64}
+PRECISIONS = ("fp32", "amp", "bf16")
+# Each implementation's own training recipe on GPU: pipeline/train.py runs DeepSpeed's bf16 mode, timm's train.py
+# runs `--amp` (autocast over fp32 weights).
+RECIPES = {"ours": "bf16", "timm": "amp"}
+DEFAULT_BATCH = {"B/16": 512, "L/16": 256, "H/14": 128}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--variants", default="B/16,L/16,H/14", help="comma-separated names from pipeline.model.VARIANTS")
-    p.add_argument("--batch", default=None, help="one batch size, or one per variant (default: B/16 256, L/16 128, "
-                                                  "H/14 64, others 64)")
+    p.add_argument("--batch", default=None, help="one batch size, or one per variant (default: B/16 512, L/16 256, "
+                                                  "H/14 128, others 64)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--impls", default=",".join(IMPLS), help="ours,timm")
     p.add_argument("--modes", default=",".join(MODES), help="eager,compile")
     p.add_argument("--compile-scope", default="block", choices=["block", "model"],
                    help="block: compile each Mixer block (compile time independent of depth); model: the whole net")
+    p.add_argument("--precision", default="auto", choices=("auto",) + PRECISIONS,
+                   help="auto: each model in its own script's recipe (GPU: ours bf16, timm amp; CPU: fp32). fp32: "
+                        "no autocast; amp: fp32 weights, bf16 autocast; bf16: bf16 weights and inputs, fp32 master "
+                        "weights, no autocast")
+    p.add_argument("--cross", action="store_true", help="after the main rows, each model in the other's recipe "
+                                                        "(GPU, --precision auto)")
     p.add_argument("--gelu", default="exact", choices=["exact", "tanh"], help="GELU of our model (timm: exact)")
     p.add_argument("--deepspeed", default="auto", choices=["auto", "off"],
                    help="auto: time a ZeRO-1 step of ours next to the plain step when deepspeed imports")
@@ -208,16 +225,45 @@ def compile_model(model: nn.Module, scope: str) -> None:
 # rows
 
 
-def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-              amp: bool) -> Callable[[], None]:
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str) -> Callable[[], None]:
+    """One training step in `precision`; a "bf16" model must already hold bf16 weights (`to_precision`)."""
+    fused = x.device.type == "cuda"
+    if precision != "bf16":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+
+        def step() -> None:
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "amp"):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
+
+    # What DeepSpeed's bf16 optimizer does each step, in multi-tensor kernels: bf16 gradients into fp32 buffers,
+    # AdamW on the fp32 master weights, the result copied back into the bf16 weights.
+    params = list(model.parameters())
+    master = [p.detach().float().requires_grad_() for p in params]
+    for m in master:
+        m.grad = torch.zeros_like(m)
+    master_grads = [m.grad for m in master]
+    optimizer = torch.optim.AdamW(master, lr=1e-4, fused=fused)
+    x = x.to(torch.bfloat16)
+
     def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
+        torch._foreach_copy_(master_grads, [p.grad for p in params])
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_copy_(params, master)
+        model.zero_grad(set_to_none=True)
 
     return step
+
+
+def to_precision(model: nn.Module, precision: str) -> nn.Module:
+    return model.to(torch.bfloat16) if precision == "bf16" else model
 
 
 def random_batch(batch: int, image_size: int, num_classes: int, device: torch.device):
@@ -240,23 +286,24 @@ def measure(step: Callable[[], None], args: argparse.Namespace, device: torch.de
 
 
 def plain_row(args: argparse.Namespace, device: torch.device, variant: str, batch: int, impl: str, mode: str,
-              flops: tuple[float, float], peak: float) -> dict[str, Any]:
+              precision: str, flops: tuple[float, float], peak: float) -> dict[str, Any]:
     if impl == "ours":
         model = build_ours(variant, args.image_size, args.num_classes, args.gelu, device)
     else:
         model = build_timm(variant, args.image_size, args.num_classes, device)
+    model = to_precision(model, precision)
     if mode == "compile":
         compile_model(model, args.compile_scope)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     x, y = random_batch(batch, args.image_size, args.num_classes, device)
-    return measure(make_step(model, optimizer, x, y, amp=device.type == "cuda"), args, device, batch, flops, peak)
+    return measure(make_step(model, x, y, precision), args, device, batch, flops, peak)
 
 
-def deepspeed_row(args: argparse.Namespace, device: torch.device, variant: str, batch: int,
+def deepspeed_row(args: argparse.Namespace, device: torch.device, variant: str, batch: int, precision: str,
                   flops: tuple[float, float], peak: float) -> dict[str, Any]:
-    """Our eager model under a one-rank DeepSpeed ZeRO-1 engine configured as pipeline/train.py does (bf16 on GPU,
-    autocast around the forward), with the same torch AdamW as the plain row so the ratio is the engine's cost."""
+    """Our eager model under a one-rank DeepSpeed ZeRO-1 engine configured as pipeline/train.py does ("bf16": the
+    engine's bf16 mode, bf16 inputs), with the same torch AdamW as the plain row of the same precision, so the ratio
+    is the engine's cost."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
@@ -276,21 +323,43 @@ def deepspeed_row(args: argparse.Namespace, device: torch.device, variant: str, 
     model = build_ours(variant, args.image_size, args.num_classes, args.gelu, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 1}, "bf16": {"enabled": device.type == "cuda"},
+              "zero_optimization": {"stage": 1}, "bf16": {"enabled": precision == "bf16"},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     x, y = random_batch(batch, args.image_size, args.num_classes, device)
-    amp = device.type == "cuda"
+    if precision == "bf16":
+        x = x.to(torch.bfloat16)
+    autocast = precision == "amp"
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(engine(x), y)
-        engine.backward(loss)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = engine(x)
+        engine.backward(F.cross_entropy(logits.float(), y))
         engine.step()
 
     row = measure(step, args, device, batch, flops, peak)
     row["deepspeed"] = deepspeed.__version__
     return row
+
+
+def row_plan(args: argparse.Namespace, device: torch.device) -> list[tuple[str, int, str, str, str, bool]]:
+    """(variant, batch, impl, mode, precision, main) in the order they run: every main row first, then DeepSpeed's,
+    then the cross-recipe rows; a time budget cuts from the end."""
+    def recipe(impl: str) -> str:
+        if args.precision != "auto":
+            return args.precision
+        return RECIPES[impl] if device.type == "cuda" else "fp32"
+
+    pairs = list(zip(args.variants, args.batches, strict=True))
+    plan = [(variant, batch, impl, mode, recipe(impl), True)
+            for variant, batch in pairs for mode in args.modes for impl in args.impls]
+    if args.deepspeed == "auto" and "ours" in args.impls:
+        plan += [(variant, batch, "ours", "deepspeed-zero1", recipe("ours"), False) for variant, batch in pairs]
+    if args.cross and args.precision == "auto" and device.type == "cuda":
+        swapped = {"ours": RECIPES["timm"], "timm": RECIPES["ours"]}
+        plan += [(variant, batch, impl, mode, swapped[impl], False)
+                 for variant, batch in pairs for mode in args.modes for impl in args.impls]
+    return plan
 
 
 def free_memory(device: torch.device) -> None:
@@ -342,19 +411,46 @@ def write_atomic(path: str | None, text: str) -> None:
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratios for a `make bench` table: ours over timm images/s per (variant, mode), and the DeepSpeed step time
-    over the plain one (lower is better)."""
-    ok = {(r["variant"], r["impl"], r["mode"]): r for r in rows if r["status"] == "ok"}
+    """Ratios for a `make bench` table, images/s of ours over timm's: per mode with each model in its own recipe
+    (the main rows), the best of those per variant (ours best over timm's best), with `--cross` the best over every
+    row and per mode with both models in one recipe, and the DeepSpeed step time over the plain one (lower is
+    better)."""
+    ok = {(r["variant"], r["impl"], r["mode"], r["precision"]): r for r in rows if r["status"] == "ok"}
+    main = {k: r for k, r in ok.items() if r.get("main")}
     out = []
-    for (variant, impl, mode), r in ok.items():
-        if impl == "ours" and (variant, "timm", mode) in ok:
-            base = ok[(variant, "timm", mode)]["images_per_s"]
-            out.append({"name": f"model {variant} {mode}", "ours": r["images_per_s"], "baseline": base,
-                        "unit": "images/s", "ratio": r["images_per_s"] / base})
-        if impl == "ours" and mode == "deepspeed-zero1" and (variant, "ours", "eager") in ok:
-            plain = ok[(variant, "ours", "eager")]["step_ms"]
-            out.append({"name": f"model {variant} deepspeed overhead", "ours": r["step_ms"], "baseline": plain,
-                        "unit": "ms/step", "ratio": r["step_ms"] / plain, "lower_is_better": True})
+
+    def ratio_row(name: str, ours: dict[str, Any], timm: dict[str, Any]) -> dict[str, Any]:
+        return {"name": name, "ours": ours["images_per_s"], "baseline": timm["images_per_s"], "unit": "images/s",
+                "ratio": ours["images_per_s"] / timm["images_per_s"],
+                "detail": f"ours {ours['mode']} {ours['precision']} vs timm {timm['mode']} {timm['precision']}"}
+
+    for variant in dict.fromkeys(k[0] for k in main):
+        pairs = {}
+        for (v, impl, mode, _), r in main.items():
+            if v == variant:
+                pairs.setdefault(mode, {})[impl] = r
+        for mode, pair in pairs.items():
+            if len(pair) == 2:
+                out.append(ratio_row(f"model {variant} {mode}", pair["ours"], pair["timm"]))
+        best = {impl: max((r for (v, i, _, _), r in main.items() if v == variant and i == impl),
+                          key=lambda r: r["images_per_s"], default=None) for impl in IMPLS}
+        if len(pairs) > 1 and best["ours"] and best["timm"]:
+            out.append(ratio_row(f"model {variant} best", best["ours"], best["timm"]))
+        # Over every row, either recipe: is ours ahead however timm is run?
+        anyrow = {impl: max((r for (v, i, m, _), r in ok.items() if v == variant and i == impl and m in MODES),
+                            key=lambda r: r["images_per_s"], default=None) for impl in IMPLS}
+        if any(not r.get("main") for r in anyrow.values() if r) and anyrow["ours"] and anyrow["timm"]:
+            out.append(ratio_row(f"model {variant} best any recipe", anyrow["ours"], anyrow["timm"]))
+    for (variant, impl, mode, precision), r in ok.items():
+        other = ok.get((variant, "timm", mode, precision))
+        if impl == "ours" and other and not (r.get("main") and other.get("main")):
+            out.append(ratio_row(f"model {variant} {mode} same recipe {precision}", r, other))
+    for (variant, _, mode, _), r in ok.items():
+        plain = next((p for (v, i, m, _), p in main.items() if (v, i, m) == (variant, "ours", "eager")), None)
+        if mode == "deepspeed-zero1" and plain:
+            out.append({"name": f"model {variant} deepspeed overhead", "ours": r["step_ms"],
+                        "baseline": plain["step_ms"], "unit": "ms/step", "ratio": r["step_ms"] / plain["step_ms"],
+                        "lower_is_better": True})
     return out
 
 
@@ -373,21 +469,27 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
     print(f"device: {result['device']} | torch {result['torch']} | timm {result.get('timm')} | {result['date']}",
           file=file)
     print(f"measured peak: {peak['flops'] / 1e12:.2f} TFLOP/s ({peak['dtype']} {peak['size']}^3 matmul, median of "
-          f"{peak['reps']}); {result['dtype']}; ours with {result['gelu_ours']} GELU; {result['compile_scope']}-wise "
-          f"compile; step times by {result['clock']}", file=file)
-    head = f"{'variant':<8}{'impl':<6}{'mode':<17}{'batch':>6}{'img/s':>10}{'step ms':>10}{'first s':>9}" \
-           f"{'mem GiB':>9}{'TFLOP/s':>9}{'MFU':>7}  status"
+          f"{peak['reps']}); ours with {result['gelu_ours']} GELU; {result['compile_scope']}-wise compile; step "
+          f"times by {result['clock']}; precision fp32 = no autocast, amp = fp32 weights + bf16 autocast, bf16 = "
+          f"bf16 weights and inputs + fp32 master weights; * = each model in its own script's recipe",
+          file=file)
+    head = f"{'variant':<8}{'impl':<6}{'mode':<17}{'prec':<6}{'batch':>6}{'img/s':>10}{'step ms':>10}" \
+           f"{'first s':>9}{'mem GiB':>9}{'TFLOP/s':>9}{'MFU':>7}  status"
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in result["rows"]:
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
-        print(f"{r['variant']:<8}{r['impl']:<6}{r['mode']:<17}{r['batch']:>6}{_fmt(r.get('images_per_s'), '.1f'):>10}"
+        prec = r["precision"] + ("*" if r.get("main") else "")
+        print(f"{r['variant']:<8}{r['impl']:<6}{r['mode']:<17}{prec:<6}{r['batch']:>6}"
+              f"{_fmt(r.get('images_per_s'), '.1f'):>10}"
               f"{_fmt(r.get('step_ms'), '.2f'):>10}{_fmt(r.get('first_step_s'), '.1f'):>9}"
               f"{_fmt(r.get('peak_mem_gib'), '.2f'):>9}{_fmt(r.get('tflops'), '.2f'):>9}{mfu:>7}"
               f"  {status}", file=file)
     for s in result.get("summary", []):
-        print(f"{s['name']}: ours {s['ours']:.2f} vs {s['baseline']:.2f} {s['unit']} -> {s['ratio']:.3f}x", file=file)
+        detail = f" ({s['detail']})" if s.get("detail") else ""
+        print(f"{s['name']}: ours {s['ours']:.2f} vs {s['baseline']:.2f} {s['unit']} -> {s['ratio']:.3f}x{detail}",
+              file=file)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -415,34 +517,32 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "device": device_name(device), "torch": torch.__version__, "timm": timm.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dtype": "bf16 autocast" if device.type == "cuda" else "fp32", "image_size": args.image_size,
+        "image_size": args.image_size,
         "num_classes": args.num_classes, "gelu_ours": args.gelu, "compile_scope": args.compile_scope,
         "warmup": args.warmup, "iters": args.iters, "clock": clock_name(device), "peak_matmul": peak, "rows": [],
         "summary": [],
     }
     print(f"{result['device']}: measured {peak['flops'] / 1e12:.2f} TFLOP/s {peak['dtype']} matmul", flush=True)
 
-    pairs = list(zip(args.variants, args.batches, strict=True))
-    plan = [(variant, batch, impl, mode) for variant, batch in pairs for mode in args.modes for impl in args.impls]
-    if args.deepspeed == "auto" and "ours" in args.impls:
-        # Last: an engine may keep a reference or a process group alive that the plain rows should not share.
-        plan += [(variant, batch, "ours", "deepspeed-zero1") for variant, batch in pairs]
-
-    for variant, batch, impl, mode in plan:
-        row: dict[str, Any] = {"variant": variant, "impl": impl, "mode": mode, "batch": batch}
+    plan = row_plan(args, device)
+    for variant, batch, impl, mode, precision, main_row in plan:
+        row: dict[str, Any] = {"variant": variant, "impl": impl, "mode": mode, "precision": precision,
+                               "main": main_row, "batch": batch}
         if args.time_budget is not None and time.monotonic() - start > args.time_budget:
             row.update(status="skipped", reason=f"time budget of {args.time_budget:.0f}s spent")
         else:
             flops = train_flops_per_image(variant, args.image_size, args.num_classes)
             if mode == "deepspeed-zero1":
-                run_row = functools.partial(deepspeed_row, args, device, variant, batch, flops, peak["flops"])
+                run_row = functools.partial(deepspeed_row, args, device, variant, batch, precision, flops,
+                                            peak["flops"])
             else:
-                run_row = functools.partial(plain_row, args, device, variant, batch, impl, mode, flops, peak["flops"])
+                run_row = functools.partial(plain_row, args, device, variant, batch, impl, mode, precision, flops,
+                                            peak["flops"])
             row.update(guarded(run_row, device))
         result["rows"].append(row)
         msg = (f"{row['images_per_s']:.1f} img/s, {row['step_ms']:.2f} ms/step, MFU {100 * row['mfu']:.1f}%"
                if row["status"] == "ok" else f"{row['status']}: {row.get('reason', '')}")
-        print(f"{variant} {impl} {mode} batch {batch}: {msg}", flush=True)
+        print(f"{variant} {impl} {mode} {precision} batch {batch}: {msg}", flush=True)
         result["summary"] = summarise(result["rows"])
         write_atomic(args.json_out, json.dumps(result, indent=2) + "\n")
         write_atomic(args.table_out, table(result))
