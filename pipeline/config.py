@@ -89,7 +89,7 @@ class BatchSpec:
 @dataclass
 class DeepSpeedSpec:
     zero_stage: Literal[0, 1, 2, 3] = 2
-    bf16: bool = False  # GPU specs turn it on
+    bf16: bool = False  # GPU specs turn it on; DeepSpeed's bf16 mode runs on CPU too
     offload_optimizer: bool = False
 
 
@@ -355,7 +355,5 @@ def validate(spec: Spec) -> None:
             raise SpecError(f"{name}: must be >= 0 (0 turns it off), got {value}")
     if s.warmup_steps < 0:
         raise SpecError(f"schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
-    if spec.deepspeed.bf16 and c.gpus_per_worker == 0:
-        raise SpecError("deepspeed.bf16: bf16 needs GPUs; on CPU (cluster.gpus_per_worker: 0) set deepspeed.bf16=false")
     if spec.optim.name == "sgd" and spec.deepspeed.offload_optimizer:
         raise SpecError("deepspeed.offload_optimizer works with optim.name=adam only")

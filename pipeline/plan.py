@@ -11,15 +11,14 @@ Adam, 16 in fp32 (for the quickstart's 87,880 parameters 1.41 MB; its committed 
 
 Activations, per image of the micro batch, counted from the Mixer's tensor shapes (S tokens, C channels, token-MLP
 width D_S, channel-MLP width D_C, L blocks), at 2 bytes (bf16) or 4 (fp32): what autograd keeps for the backward
-pass. Each block keeps the outputs of its two LayerNorms (2 x S x C) and the token and channel MLP hidden activations
-before and after GELU (2 x D_S x C + 2 x S x D_C), plus the LayerNorms' inputs (2 x S x C), which autocast keeps in
-fp32 because LayerNorm runs in fp32; the stem keeps the image, the head the last LayerNorm's input and output and the
-fp32 logits. With activation checkpointing each block keeps only its input (S x C) and one block's activations are
-alive at a time, while it is recomputed. Measured on an H200 (torch 2.11, bf16 module under autocast; B/16, L/16 and
-H/14 at 224, L/16 at 448): without checkpointing the memory held after the forward pass was 0.7-1.0% above this
-estimate; with checkpointing the estimate is an upper bound (it counts a recomputed block in full). Left out are
-transient buffers (DeepSpeed's reduce/gather buckets, the CUDA context, allocator fragmentation): a plan over 90% of
-the GPU's memory is flagged as tight.
+pass. Each block keeps the outputs of its two LayerNorms (2 x S x C), the token and channel MLP hidden activations
+before and after GELU (2 x D_S x C + 2 x S x D_C) and the LayerNorms' inputs (2 x S x C); the stem keeps the image,
+the head the last LayerNorm's input and output and the fp32 logits. The trainer's bf16 mode runs a bf16 module
+without autocast, so all of these are 2 bytes. tests/test_plan.py checks the count against the tensors autograd
+saves, in fp32 and in bf16 (within 2%, the estimate above). With activation checkpointing each block keeps only its
+input (S x C) and one block's activations are alive at a time, while it is recomputed: an upper bound (it counts a
+recomputed block in full). Left out are transient buffers (DeepSpeed's reduce/gather buckets, the CUDA context,
+allocator fragmentation): a plan over 90% of the GPU's memory is flagged as tight.
 """
 
 from __future__ import annotations
@@ -119,9 +118,7 @@ def activation_bytes(cfg: MixerConfig, image_size: int, num_classes: int, micro_
                      checkpointing: bool) -> float:
     """Bytes autograd keeps for one micro batch (see the module docstring for what is counted)."""
     s, c = num_tokens(cfg, image_size), cfg.hidden_dim
-    norm_input_bytes = 4  # LayerNorm runs in fp32 under autocast and keeps its input in fp32; fp32 runs too
-    per_block = (2 * s * c + 2 * cfg.tokens_mlp_dim * c + 2 * s * cfg.channels_mlp_dim) * element_bytes \
-        + 2 * s * c * norm_input_bytes
+    per_block = (4 * s * c + 2 * cfg.tokens_mlp_dim * c + 2 * s * cfg.channels_mlp_dim) * element_bytes
     stem = 3 * image_size * image_size * element_bytes
     head = 2 * s * c * element_bytes
     if checkpointing:

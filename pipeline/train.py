@@ -132,7 +132,7 @@ def deepspeed_config(spec: Spec, plan: Plan, world_size: int, on_gpu: bool) -> d
         "gradient_accumulation_steps": plan.micro_batches_per_rank,
         "gradient_clipping": o.clip_grad_norm or 0.0,
         "zero_optimization": {"stage": spec.deepspeed.zero_stage},
-        "bf16": {"enabled": spec.deepspeed.bf16 and on_gpu},
+        "bf16": {"enabled": spec.deepspeed.bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -163,17 +163,17 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Ten
 
 
 @torch.no_grad()
-def evaluate(engine: Any, spec: Spec, info: Any, rank: int, world_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(engine: Any, spec: Spec, info: Any, rank: int, world_size: int, device: torch.device,
+             dtype: torch.dtype) -> dict[str, float]:
     """Top-1/top-5 (a prediction counts when it is one of the image's labels: for multi-label data top-1 is
-    precision@1) and the loss over the whole eval split, summed across ranks."""
+    precision@1) and the loss over the whole eval split, summed across ranks; images go in as `dtype`, the model's."""
     engine.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss*n, n
     for batch in data.eval_batches(info, spec.data.eval_split, spec.model.image_size, spec.eval.batch_size, rank,
                                    world_size, resize=spec.data.eval_resize,
                                    loader_workers=spec.data.loader_workers):
-        images, targets = batch.images.to(device), batch.targets.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(spec, device)):
-            logits = engine(images).float()
+        images, targets = batch.images.to(device, dtype), batch.targets.to(device)
+        logits = engine(images).float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = targets.gather(1, top5) > 0
         sums[0] += hits[:, 0].sum()
@@ -200,7 +200,7 @@ def evaluate_weights(spec: Spec, weights: str, split: str | None = None) -> dict
                           f"which has {info.num_classes}")
     if split:
         spec.data.eval_split = split
-    return evaluate(net, spec, info, 0, 1, torch.device("cpu"))
+    return evaluate(net, spec, info, 0, 1, torch.device("cpu"), torch.float32)
 
 
 def rng_state() -> dict[str, Any]:
@@ -310,14 +310,12 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
     stop_at = min(plan.total_steps, spec.run.stop_after or plan.total_steps)
     while step < stop_at:
         batch = next(batches)
-        images = batch.images.to(device, non_blocking=True)
+        images = batch.images.to(device, input_dtype(spec), non_blocking=True)
         targets = batch.targets.to(device, non_blocking=True)
         step_loss = torch.zeros((), device=device)
         for i in range(plan.micro_batches_per_rank):
             sl = slice(i * spec.batch.micro, (i + 1) * spec.batch.micro)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(spec, device)):
-                logits = engine(images[sl])
-            loss = loss_fn(logits, targets[sl], spec.loss)
+            loss = loss_fn(engine(images[sl]), targets[sl], spec.loss)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach() / plan.micro_batches_per_rank
@@ -352,7 +350,7 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
 
         if spec.eval.every_steps and step % spec.eval.every_steps == 0 and step < plan.total_steps and \
                 spec.data.eval_split:
-            last_eval = evaluate(engine, spec, info, rank, world_size, device)
+            last_eval = evaluate(engine, spec, info, rank, world_size, device, input_dtype(spec))
             mlog.log({"kind": "eval", "step": step, **last_eval})
         if spec.checkpoint.every_steps and step % spec.checkpoint.every_steps == 0:
             save(step)
@@ -369,7 +367,7 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
 
     # Finish: a last evaluation, a last checkpoint, an fp32 export of the weights.
     if spec.data.eval_split:
-        last_eval = evaluate(engine, spec, info, rank, world_size, device)
+        last_eval = evaluate(engine, spec, info, rank, world_size, device, input_dtype(spec))
         mlog.log({"kind": "eval", "step": step, **last_eval})
     if not spec.checkpoint.every_steps or step % spec.checkpoint.every_steps:
         save(step)
@@ -413,8 +411,12 @@ def stream_config(spec: Spec) -> data.StreamConfig:
     )
 
 
-def _bf16(spec: Spec, device: torch.device) -> bool:
-    return spec.deepspeed.bf16 and device.type == "cuda"
+def input_dtype(spec: Spec) -> torch.dtype:
+    """DeepSpeed's bf16 mode holds the model in bf16 and, unlike its fp16 mode, does not cast the inputs; it also
+    turns an outer autocast off inside the engine. So images go in as bf16, and LayerNorm, GELU and the residual
+    stream all run on bf16 tensors (statistics in fp32 inside the kernels), with fp32 master weights in the
+    optimizer."""
+    return torch.bfloat16 if spec.deepspeed.bf16 else torch.float32
 
 
 def _progress(rank: int, start: int, total: int):

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from pipeline import config, dataset_json, plan
 from pipeline.cli import main
 from pipeline.dataset_json import DatasetInfo, Shard, Split
+from pipeline.model import VARIANTS, build
 
 JOBS = Path(__file__).resolve().parent.parent / "jobs"
 H14 = str(JOBS / "mixer_h14_jft.yaml")
@@ -50,6 +53,28 @@ def test_h14_on_64_gpus_memory_terms_are_exact(capsys):
     assert f"steps: {14 * (300_000_000 // 4096):,}" in out
     hours = 14 * (300_000_000 // 4096) * 4096 / (100 * 64) / 3600
     assert "time: " in out and f"{int(hours) // 24}d" in out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_count_matches_what_autograd_saves(dtype):
+    # The module and its input in `dtype`, no autocast: how the trainer runs fp32 and bf16.
+    torch.manual_seed(0)
+    net = build("S/16", num_classes=10, image_size=224).to(dtype)
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = net((torch.rand(2, 3, 224, 224) * 2 - 1).to(dtype))
+        F.cross_entropy(logits.float(), torch.tensor([1, 2]))
+    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    element = torch.finfo(dtype).bits // 8
+    estimate = plan.activation_bytes(VARIANTS["S/16"], 224, 10, 2, element, checkpointing=False)
+    assert measured <= estimate <= 1.02 * measured, (estimate, measured)
 
 
 def test_what_does_not_fit_is_flagged(capsys):
