@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Training-speed benchmark for a GPU machine:  OUT=/some/dir bash bench/gpu.sh   (OUT defaults to ./out/gpu)
 #
-# Runs bench/model.py from the repository root: our MlpMixer and timm's, eager and torch.compile'd (whole model), B/16,
-# L/16 and H/14 at 224, each model in its own training script's bf16 recipe (ours: DeepSpeed's bf16 mode, timm:
-# --amp), then a DeepSpeed ZeRO-1 row per variant when deepspeed imports, then each model in the other's recipe. Writes $OUT/bench.json and
+# Runs bench/model.py from the repository root: our MlpMixer and timm's, eager and torch.compile'd (whole model),
+# B/16, L/16 and H/14 at 224, each model in its own training script's bf16 recipe (ours: DeepSpeed's bf16 mode,
+# timm: --amp), then a DeepSpeed ZeRO-1 row per variant when deepspeed imports, then each model in the other's
+# recipe. Writes $OUT/bench.json and
 # $OUT/table.txt (both rewritten after every row, so a stopped run keeps what it finished), $OUT/bench.log and
 # $OUT/env.txt, and prints the table. Rows not started within BUDGET seconds are skipped; the whole run is stopped
 # after LIMIT seconds.

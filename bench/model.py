@@ -3,9 +3,8 @@
 A step is forward, cross-entropy, backward and an AdamW step on a fixed random batch. Each model trains in the
 precision recipe of its own training script (`--precision auto`): ours as pipeline/train.py runs it under DeepSpeed's
 bf16 mode (bf16 weights, inputs and gradients, fp32 master weights and AdamW state, no autocast: the engine turns
-an outer autocast off), timm's as
-its train.py runs it with `--amp` (fp32 weights, bf16 autocast); on CPU both in fp32. `--cross` adds each model in
-the other's recipe, so the model and the recipe can be told apart.
+an outer autocast off), timm's as its train.py runs it with `--amp` (fp32 weights, bf16 autocast); on CPU both in
+fp32. `--cross` adds each model in the other's recipe, so the model and the recipe can be told apart.
 
 Each row reports the median step time over `--iters` timed steps after `--warmup` untimed ones, images/s, peak
 memory, achieved TFLOP/s and MFU. Training FLOPs are 3x the forward matmul FLOPs of `pipeline.model.forward_flops`;
@@ -302,8 +301,8 @@ def plain_row(args: argparse.Namespace, device: torch.device, variant: str, batc
 def deepspeed_row(args: argparse.Namespace, device: torch.device, variant: str, batch: int, precision: str,
                   flops: tuple[float, float], peak: float) -> dict[str, Any]:
     """Our eager model under a one-rank DeepSpeed ZeRO-1 engine configured as pipeline/train.py does ("bf16": the
-    engine's bf16 mode, bf16 inputs), with the same torch AdamW as the plain row of the same precision, so the ratio
-    is the engine's cost."""
+    engine's bf16 mode, bf16 inputs; "amp": the engine's own `torch_autocast`, since it turns an outer autocast
+    off), with the same torch AdamW as the plain row of the same precision, so the ratio is the engine's cost."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
@@ -324,17 +323,15 @@ def deepspeed_row(args: argparse.Namespace, device: torch.device, variant: str, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 1}, "bf16": {"enabled": precision == "bf16"},
+              "torch_autocast": {"enabled": precision == "amp", "dtype": "bfloat16"},
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     x, y = random_batch(batch, args.image_size, args.num_classes, device)
     if precision == "bf16":
         x = x.to(torch.bfloat16)
-    autocast = precision == "amp"
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = engine(x)
-        engine.backward(F.cross_entropy(logits.float(), y))
+        engine.backward(F.cross_entropy(engine(x).float(), y))
         engine.step()
 
     row = measure(step, args, device, batch, flops, peak)
@@ -480,7 +477,9 @@ def print_table(result: dict[str, Any], file=sys.stdout) -> None:
     for r in result["rows"]:
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
-        prec = r["precision"] + ("*" if r.get("main") else "")
+        # Runs saved before precision recipes existed name one dtype for all rows: "bf16 autocast" (amp) or "fp32".
+        old = {"bf16 autocast": "amp"}.get(result.get("dtype"), result.get("dtype", "-"))
+        prec = r.get("precision", old) + ("*" if r.get("main") else "")
         print(f"{r['variant']:<8}{r['impl']:<6}{r['mode']:<17}{prec:<6}{r['batch']:>6}"
               f"{_fmt(r.get('images_per_s'), '.1f'):>10}"
               f"{_fmt(r.get('step_ms'), '.2f'):>10}{_fmt(r.get('first_step_s'), '.1f'):>9}"

@@ -172,7 +172,7 @@ def evaluate(engine: Any, spec: Spec, info: Any, rank: int, world_size: int, dev
     for batch in data.eval_batches(info, spec.data.eval_split, spec.model.image_size, spec.eval.batch_size, rank,
                                    world_size, resize=spec.data.eval_resize,
                                    loader_workers=spec.data.loader_workers):
-        images, targets = batch.images.to(device, dtype), batch.targets.to(device)
+        images, targets = batch.images.to(device).to(dtype), batch.targets.to(device)
         logits = engine(images).float()
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         hits = targets.gather(1, top5) > 0
@@ -310,7 +310,8 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
     stop_at = min(plan.total_steps, spec.run.stop_after or plan.total_steps)
     while step < stop_at:
         batch = next(batches)
-        images = batch.images.to(device, input_dtype(spec), non_blocking=True)
+        # Moved first, cast on the device: the copy stays asynchronous and the host does no conversion.
+        images = batch.images.to(device, non_blocking=True).to(input_dtype(spec))
         targets = batch.targets.to(device, non_blocking=True)
         step_loss = torch.zeros((), device=device)
         for i in range(plan.micro_batches_per_rank):

@@ -110,3 +110,60 @@ def test_all_reports_missing_scripts_and_judges_targets(tmp_path):
     assert bench_all.judge({"name": "prep", "ratio": 1.9})["pass"] is False
     with pytest.raises(ValueError, match="ratio"):
         bench_all.rows_of({"name": "prep"})
+
+
+def test_bf16_recipe_steps_fp32_master_weights_and_copies_them_back():
+    import torch
+
+    bench_model = load_script("model")
+    torch.manual_seed(0)
+    net = bench_model.to_precision(build("tiny", num_classes=10, image_size=32), "bf16")
+    before = [p.detach().clone() for p in net.parameters()]
+    x, y = bench_model.random_batch(4, 32, 10, torch.device("cpu"))
+    step = bench_model.make_step(net, x, y, "bf16")
+    step()
+    params = list(net.parameters())
+    assert all(p.dtype == torch.bfloat16 and p.grad is None for p in params)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    # The fp32 master weights live in the step's closure; the bf16 weights are their rounding.
+    master = step.__closure__[step.__code__.co_freevars.index("master")].cell_contents
+    for p, m in zip(params, master, strict=True):
+        assert torch.equal(p, m.to(torch.bfloat16))
+    moved = [m for m, b in zip(master, before, strict=True) if not torch.equal(m.to(torch.bfloat16), b)]
+    assert moved and any(not torch.equal(m, m.to(torch.bfloat16).float()) for m in moved)  # finer than bf16
+
+
+def test_plan_order_and_summary_ratios():
+    import torch
+
+    bench_model = load_script("model")
+    args = bench_model.parse_args(["--device", "cpu", "--variants", "B/16,L/16", "--cross"])
+    plan = bench_model.row_plan(args, torch.device("cuda"))  # only planned: nothing runs on the device
+    main_rows = [p for p in plan if p[5]]
+    assert plan[:len(main_rows)] == main_rows  # every main row first
+    assert {(p[2], p[4]) for p in main_rows} == {("ours", "bf16"), ("timm", "amp")}
+    kinds = [p[3] == "deepspeed-zero1" for p in plan[len(main_rows):]]
+    assert kinds == sorted(kinds, reverse=True)  # then DeepSpeed's, then the cross rows
+    assert {(p[2], p[4]) for p in plan if not p[5] and p[3] != "deepspeed-zero1"} == {("ours", "amp"),
+                                                                                      ("timm", "bf16")}
+    assert bench_model.row_plan(args, torch.device("cpu"))[0][4] == "fp32"  # no cross rows, fp32, on CPU
+
+    speed = {("ours", "eager", "bf16"): 300.0, ("timm", "eager", "amp"): 100.0, ("ours", "compile", "bf16"): 400.0,
+             ("timm", "compile", "amp"): 200.0, ("ours", "eager", "amp"): 150.0, ("timm", "eager", "bf16"): 120.0,
+             ("ours", "compile", "amp"): 250.0, ("timm", "compile", "bf16"): 320.0}
+    rows = []
+    for variant, batch, impl, mode, precision, main_row in plan:
+        row = {"variant": variant, "impl": impl, "mode": mode, "precision": precision, "main": main_row,
+               "batch": batch, "status": "ok"}
+        if mode == "deepspeed-zero1":
+            row.update(images_per_s=50.0, step_ms=30.0)
+        else:
+            row.update(images_per_s=speed[impl, mode, precision], step_ms=10.0)
+        rows.append(row)
+    summary = {s["name"]: s["ratio"] for s in bench_model.summarise(rows)}
+    assert summary["model B/16 eager"] == 3.0 and summary["model B/16 compile"] == 2.0
+    assert summary["model B/16 best"] == 2.0  # ours 400 over timm's best main row, 200
+    assert summary["model B/16 best any recipe"] == 400 / 320  # timm is fastest in the other recipe
+    assert summary["model B/16 compile same recipe bf16"] == 400 / 320
+    assert summary["model B/16 eager same recipe amp"] == 1.5
+    assert summary["model L/16 deepspeed overhead"] == 3.0  # 30 ms over the plain eager bf16 step's 10
