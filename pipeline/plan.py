@@ -14,12 +14,12 @@ width D_S, channel-MLP width D_C, L blocks), at 2 bytes (bf16) or 4 (fp32): what
 pass. Each block keeps the outputs of its two LayerNorms (2 x S x C), the token and channel MLP hidden activations
 before and after GELU (2 x D_S x C + 2 x S x D_C) and the LayerNorms' inputs (2 x S x C); the stem keeps the image,
 the head the last LayerNorm's input plus another S x C as a margin for the norms' statistics and the pooled
-features, and the fp32 logits. The trainer's bf16 mode runs a bf16 module
-without autocast, so all of these are 2 bytes. tests/test_plan.py checks the count against the tensors autograd
-saves, in fp32 and in bf16 (within 2%, the estimate above). With activation checkpointing each block keeps only its
-input (S x C) and one block's activations are alive at a time, while it is recomputed: an upper bound (it counts a
-recomputed block in full). Left out are transient buffers (DeepSpeed's reduce/gather buckets, the CUDA context,
-allocator fragmentation): a plan over 90% of the GPU's memory is flagged as tight.
+features, and the fp32 logits. The trainer's bf16 mode runs a bf16 module without autocast, so all of these are 2
+bytes. tests/test_plan.py checks the count against the tensors autograd saves, in fp32 and in bf16: the estimate is
+at most 2% above them, never below. With activation checkpointing each block keeps only its input (S x C) and one
+block's activations are alive at a time, while it is recomputed: an upper bound (it counts a recomputed block in
+full). Left out are transient buffers (DeepSpeed's reduce/gather buckets, the CUDA context, allocator
+fragmentation): a plan over 90% of the GPU's memory is flagged as tight.
 """
 
 from __future__ import annotations
