@@ -39,11 +39,12 @@ def read_metrics(run_url: str) -> tuple[list[dict], list[dict]]:
     return [x for x in lines if x["kind"] == "train"], [x for x in lines if x["kind"] == "eval"]
 
 
-# Stage 1 runs DeepSpeed's bf16 mode: a bf16 model fed bf16 images, fp32 master weights in the optimizer.
+# Stage 1 runs as a GPU spec would with model.compile on: DeepSpeed's bf16 mode (a bf16 model fed bf16 images, fp32
+# master weights in the optimizer) and the engine's torch.compile.
 @pytest.mark.parametrize("stage, bf16", [(1, True), (2, False), (3, False)])
 def test_two_workers_learn_with_each_zero_stage(stage, bf16, sample_dataset, ray_cluster, tmp_path):
     run_url = str(tmp_path / "run")
-    spec = tiny_spec(sample_dataset, run_url, deepspeed__zero_stage=stage, deepspeed__bf16=bf16)
+    spec = tiny_spec(sample_dataset, run_url, deepspeed__zero_stage=stage, deepspeed__bf16=bf16, model__compile=bf16)
     launch.run(spec)
     train, evals = read_metrics(run_url)
     assert [x["step"] for x in train] == list(range(1, 61))
