@@ -421,6 +421,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "ratio": ours["images_per_s"] / timm["images_per_s"],
                 "detail": f"ours {ours['mode']} {ours['precision']} vs timm {timm['mode']} {timm['precision']}"}
 
+    def fastest(table: dict[tuple, dict[str, Any]], variant: str) -> dict[str, dict[str, Any] | None]:
+        """Per impl, its fastest eager or compiled row of `variant` in `table`."""
+        return {impl: max((r for (v, i, m, _), r in table.items() if (v, i) == (variant, impl) and m in MODES),
+                          key=lambda r: r["images_per_s"], default=None) for impl in IMPLS}
+
     for variant in dict.fromkeys(k[0] for k in main):
         pairs = {}
         for (v, impl, mode, _), r in main.items():
@@ -429,13 +434,11 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for mode, pair in pairs.items():
             if len(pair) == 2:
                 out.append(ratio_row(f"model {variant} {mode}", pair["ours"], pair["timm"]))
-        best = {impl: max((r for (v, i, _, _), r in main.items() if v == variant and i == impl),
-                          key=lambda r: r["images_per_s"], default=None) for impl in IMPLS}
+        best = fastest(main, variant)
         if len(pairs) > 1 and best["ours"] and best["timm"]:
             out.append(ratio_row(f"model {variant} best", best["ours"], best["timm"]))
         # Over every row, either recipe: is ours ahead however timm is run?
-        anyrow = {impl: max((r for (v, i, m, _), r in ok.items() if v == variant and i == impl and m in MODES),
-                            key=lambda r: r["images_per_s"], default=None) for impl in IMPLS}
+        anyrow = fastest(ok, variant)
         if any(not r.get("main") for r in anyrow.values() if r) and anyrow["ours"] and anyrow["timm"]:
             out.append(ratio_row(f"model {variant} best any recipe", anyrow["ours"], anyrow["timm"]))
     for (variant, impl, mode, precision), r in ok.items():

@@ -33,25 +33,20 @@ class PrepareError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PrepareOptions:
+class PrepareOptions(PlanOptions):
+    """The plan's options (shard size, validation split, seed) plus the source's and the images'."""
+
     layout: str = "auto"
     classes_file: str | None = None
     max_size: int = 256
     quality: int = 95
-    shard_size: int = 1000
-    val_per_class: int | None = None
-    val_fraction: float | None = None
-    seed: int = 0
 
     def check(self) -> None:
         if self.max_size < 1:
             raise PrepareError(f"--max-size must be at least 1, got {self.max_size}")
         if not 1 <= self.quality <= 100:
             raise PrepareError(f"--quality must be between 1 and 100, got {self.quality}")
-        self.plan_options().check()
-
-    def plan_options(self) -> PlanOptions:
-        return PlanOptions(self.shard_size, self.val_per_class, self.val_fraction, self.seed)
+        super().check()
 
     def policy(self) -> ImagePolicy:
         return ImagePolicy(self.max_size, self.quality)
@@ -75,7 +70,7 @@ def prepare(
     listing = list_source(source, options.layout, options.classes_file)
     for note in listing.notes:
         print(f"note: {note}", file=sys.stderr)
-    plan = make_plan(listing, options.plan_options())
+    plan = make_plan(listing, options)
     _claim(dest, source, listing, plan, options)
     _remove_temporaries(dest)
 

@@ -257,15 +257,7 @@ def _manifest_rows(url: str) -> Iterable[dict[str, Any]]:
     if url.endswith(".csv"):
         yield from csv.DictReader(io.StringIO(text))
         return
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise SourceError(f"manifest {url}, line {number}: not valid JSON ({e})") from e
-        if not isinstance(row, dict):
-            raise SourceError(f"manifest {url}, line {number}: expected a JSON object, got {type(row).__name__}")
+    for _, row in storage.json_lines(text, f"manifest {url}", SourceError):
         yield row
 
 

@@ -56,15 +56,9 @@ def read_records(run_url: str) -> list[dict[str, Any]]:
             "(metrics are published every 30 s and at each checkpoint)"
         ) from e
     records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise MetricsError(f"{url}, line {number}: not a JSON object ({e})") from e
-        if not isinstance(record, dict) or "step" not in record:
-            raise MetricsError(f"{url}, line {number}: expected a JSON object with a 'step', got {line[:80]!r}")
+    for number, record in storage.json_lines(text, url, MetricsError):
+        if "step" not in record:
+            raise MetricsError(f"{url}, line {number}: expected a record with a 'step', got {str(record)[:80]}")
         records.append(record)
     return records
 

@@ -11,6 +11,7 @@ import json
 import os
 import posixpath
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -45,6 +46,21 @@ def read_bytes(url: str) -> bytes:
 
 def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
+
+
+def json_lines(text: str, where: str, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each line of JSON Lines `text`, blank lines skipped; a line that is not a JSON
+    object raises `error`, naming `where` and the line."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise error(f"{where}, line {number}: not a JSON object ({e})") from e
+        if not isinstance(obj, dict):
+            raise error(f"{where}, line {number}: expected a JSON object, got {type(obj).__name__}")
+        yield number, obj
 
 
 def _publish(tmp: str, path: str) -> None:
