@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import MixerError
 
-class SpecError(ValueError):
+
+class SpecError(MixerError):
     """A job spec that cannot run; the message names the key and what to change."""
 
 
@@ -301,9 +303,24 @@ def absolute_local_paths(spec: Spec, base: str) -> list[str]:
     return changed
 
 
+def check_stream_layout(streams: int, global_batch: int, workers: int, loader_workers: int) -> None:
+    """The sample order's one structural rule: every global batch takes the same number of samples from each of
+    the `streams`, and each reader (a worker's loader process, or the worker itself) owns whole streams."""
+    if streams <= 0 or global_batch % streams:
+        raise SpecError(f"batch.global={global_batch} is not divisible by data.streams={streams}; "
+                        "each global batch takes the same number of samples from every stream")
+    readers = workers * max(loader_workers, 1)
+    if streams % readers:
+        raise SpecError(
+            f"data.streams={streams} is not divisible by cluster.workers x max(data.loader_workers, 1) = "
+            f"{workers} x {max(loader_workers, 1)} = {readers}; set data.streams to a multiple of it (it must stay "
+            "fixed for the life of a run)"
+        )
+
+
 def validate(spec: Spec) -> None:
     """Checks that need no I/O. `check_dataset` (in pipeline.data) checks the dataset URL."""
-    from pipeline.model import VARIANTS
+    from pipeline.model import VARIANTS, num_tokens
 
     m, d, b, c, s = spec.model, spec.data, spec.batch, spec.cluster, spec.schedule
     if not d.dataset:
@@ -312,9 +329,10 @@ def validate(spec: Spec) -> None:
         raise SpecError("run.url is required: where the run keeps its config, metrics and checkpoints")
     if m.variant not in VARIANTS:
         raise SpecError(f"model.variant: unknown variant {m.variant!r}; known: {', '.join(VARIANTS)}")
-    patch = VARIANTS[m.variant].patch_size
-    if m.image_size % patch:
-        raise SpecError(f"model.image_size: {m.image_size} is not divisible by the patch size {patch} of {m.variant}")
+    try:
+        num_tokens(VARIANTS[m.variant], m.image_size)
+    except ValueError as e:
+        raise SpecError(f"model.image_size: {e} of {m.variant}") from e
     for name, value in (("model.stoch_depth", m.stoch_depth), ("model.dropout", m.dropout), ("data.mixup", d.mixup)):
         if not 0.0 <= value < 1.0:
             raise SpecError(f"{name}: {value} is outside [0, 1)")
@@ -338,15 +356,7 @@ def validate(spec: Spec) -> None:
             f"batch.global={b.global_} is not divisible by batch.micro x cluster.workers = {b.micro} x {c.workers}; "
             f"choose a global batch that is a multiple of {b.micro * c.workers}, or change the micro batch or workers"
         )
-    if b.global_ % d.streams:
-        raise SpecError(f"batch.global={b.global_} is not divisible by data.streams={d.streams}; "
-                        "each global batch takes the same number of samples from every stream")
-    readers = c.workers * max(d.loader_workers, 1)
-    if d.streams % readers:
-        raise SpecError(
-            f"data.streams={d.streams} is not divisible by cluster.workers x max(data.loader_workers, 1) = {readers}; "
-            "set data.streams to a multiple of it (it must stay fixed for the life of a run)"
-        )
+    check_stream_layout(d.streams, b.global_, c.workers, d.loader_workers)
     if (s.epochs is None) == (s.total_steps is None):
         raise SpecError("schedule: give exactly one of schedule.epochs or schedule.total_steps")
     for name, value in (("checkpoint.every_steps", spec.checkpoint.every_steps),
