@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from data_prep.sources import Item, Listing
+from pipeline.errors import MixerError
 
 SPLITS = ("train", "val")
 KEY_PREFIX_CHARS = 40
 
 
-class PlanError(ValueError):
+class PlanError(MixerError):
     """Options that cannot make a plan; the message names the option."""
 
 
@@ -52,7 +53,7 @@ class ShardPlan:
 
 
 @dataclass
-class Plan:
+class DatasetPlan:
     shards: list[ShardPlan]
     digest: str
 
@@ -68,7 +69,7 @@ def sample_key(item: Item, classes: list[str]) -> str:
     return f"{prefix}-{hashlib.sha1(item.source.encode()).hexdigest()[:16]}"
 
 
-def make_plan(listing: Listing, options: PlanOptions) -> Plan:
+def plan_dataset(listing: Listing, options: PlanOptions) -> DatasetPlan:
     options.check()
     splits = _split(listing, options)
     shards = []
@@ -83,7 +84,7 @@ def make_plan(listing: Listing, options: PlanOptions) -> Plan:
             samples = [(sample_key(shuffled[i], listing.classes), shuffled[i]) for i in chunk]
             shards.append(ShardPlan(f"{split}-{number:06d}.tar", split, samples))
     _check_unique_keys(shards)
-    return Plan(shards, _digest(shards, listing))
+    return DatasetPlan(shards, _digest(shards, listing))
 
 
 def _split(listing: Listing, options: PlanOptions) -> dict[str, list[Item]]:

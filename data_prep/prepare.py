@@ -20,15 +20,16 @@ import ray
 from tqdm import tqdm
 
 from data_prep.images import ImagePolicy
-from data_prep.plan import SPLITS, Plan, PlanOptions, ShardPlan, make_plan
-from data_prep.shard import KILL_ONCE_ENV, PROGRESS, write_shard
+from data_prep.plan import SPLITS, DatasetPlan, PlanOptions, ShardPlan, plan_dataset
+from data_prep.shard import PROGRESS, write_shard
 from data_prep.sources import Listing, list_source
 from pipeline import dataset_json, ray_cluster, storage
+from pipeline.errors import MixerError
 
 MAX_BACKOFF_S = 30.0
 
 
-class PrepareError(RuntimeError):
+class PrepareError(MixerError):
     """A run that cannot start or finish; the message says what to do."""
 
 
@@ -70,11 +71,11 @@ def prepare(
     listing = list_source(source, options.layout, options.classes_file)
     for note in listing.notes:
         print(f"note: {note}", file=sys.stderr)
-    plan = make_plan(listing, options)
+    plan = plan_dataset(listing, options)
     _claim(dest, source, listing, plan, options)
     _remove_temporaries(dest)
 
-    ray_cluster.connect(ray_address)
+    ray_cluster.init_ray(ray_address)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     tasks_started = time.perf_counter()
     stats = _run(plan, dest, options.policy(), listing, workers, retries, progress)
@@ -119,7 +120,7 @@ def format_summary(s: dict[str, Any]) -> str:
     )
 
 
-def _claim(dest: str, source: str, listing: Listing, plan: Plan, options: PrepareOptions) -> None:
+def _claim(dest: str, source: str, listing: Listing, plan: DatasetPlan, options: PrepareOptions) -> None:
     """Record what this run makes, or check it against what an earlier run into `dest` was making."""
     record = {"source": source, **asdict(options), "layout": listing.layout,
               "inputs": listing.inputs, "shards": len(plan.shards), "plan_sha256": plan.digest}
@@ -156,14 +157,11 @@ def _remove_temporaries(dest: str) -> None:
 
 
 def _run(
-    plan: Plan, dest: str, policy: ImagePolicy, listing: Listing, workers: int, retries: int, progress: bool
+    plan: DatasetPlan, dest: str, policy: ImagePolicy, listing: Listing, workers: int, retries: int, progress: bool
 ) -> dict[str, dict[str, Any]]:
     """Every shard through a Ray task, at most `workers` at a time; a failed shard (exception or lost worker) is
     retried after an exponential backoff, up to `retries` times."""
-    env = {KILL_ONCE_ENV: os.environ[KILL_ONCE_ENV]} if KILL_ONCE_ENV in os.environ else {}
-    task = ray.remote(write_shard).options(
-        num_cpus=1, max_retries=0, runtime_env={"env_vars": env} if env else None
-    )
+    task = ray.remote(write_shard).options(num_cpus=1, max_retries=0)
     classes = ray.put(listing.classes)
     queue: list[tuple[float, int, ShardPlan]] = [(0.0, 0, shard) for shard in plan.shards]  # (not before, try, shard)
     running: dict[Any, tuple[int, ShardPlan]] = {}
@@ -220,7 +218,7 @@ def _short_error(e: Exception) -> str:
 
 
 def _dataset_info(
-    dest: str, source: str, listing: Listing, plan: Plan, stats: dict[str, dict[str, Any]],
+    dest: str, source: str, listing: Listing, plan: DatasetPlan, stats: dict[str, dict[str, Any]],
     options: PrepareOptions, rejected: int,
 ) -> dataset_json.DatasetInfo:
     splits = {}

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.errors import MixerError
 
 SAMPLE_LAYOUTS = ("imagefolder", "i21k-tars", "manifest")
 MANIFEST_FORMATS = ("jsonl", "csv", "parquet")
@@ -30,6 +31,10 @@ BAD_KINDS = ("truncated-jpeg", "random-bytes", "empty", "text", "zero-size-png",
 EXOTIC = ("png", "gray", "exif-rotated", "cmyk", "palette-alpha", "rgba-png", "webp", "gif")
 MIN_SIDE, MAX_SIDE = 32, 96
 GOLDEN = 0.6180339887498949
+
+
+class SampleDataError(MixerError):
+    """Options that cannot make a sample collection; the message names the option."""
 
 
 def class_names(layout: str, classes: int) -> list[str]:
@@ -132,11 +137,11 @@ def make_sample_data(
 ) -> dict[str, Any]:
     """Write the collection under `dest` (any fsspec URL) and say what is in it."""
     if layout not in SAMPLE_LAYOUTS:
-        raise ValueError(f"--layout must be one of {', '.join(SAMPLE_LAYOUTS)}, got {layout!r}")
+        raise SampleDataError(f"--layout must be one of {', '.join(SAMPLE_LAYOUTS)}, got {layout!r}")
     if manifest_format not in MANIFEST_FORMATS:
-        raise ValueError(f"manifest format must be one of {', '.join(MANIFEST_FORMATS)}, got {manifest_format!r}")
+        raise SampleDataError(f"manifest format must be one of {', '.join(MANIFEST_FORMATS)}, got {manifest_format!r}")
     if classes < 1 or per_class < 1 or bad < 0:
-        raise ValueError("--classes and --per-class must be at least 1, --bad at least 0")
+        raise SampleDataError("--classes and --per-class must be at least 1, --bad at least 0")
     rng = np.random.default_rng(seed)
     names = class_names(layout, classes)
     kinds = Counter()

@@ -9,9 +9,7 @@ point costs at most the shard in progress, which the next run redoes.
 from __future__ import annotations
 
 import io
-import json
 import os
-import signal
 import tarfile
 import tempfile
 import time
@@ -24,11 +22,9 @@ from data_prep.images import Encoded, ImagePolicy, Rejected, process
 from data_prep.plan import ShardPlan
 from data_prep.sources import Item, read_item
 from pipeline import storage
+from pipeline.shard_format import encode_sample
 
 PROGRESS = "_progress"
-# Lets the resume tests kill the worker process in the middle of a shard: when this names a marker file that
-# does not exist yet, the first shard to get here creates it and kills its own process.
-KILL_ONCE_ENV = "MIXER_PREP_KILL_ONCE"
 READ_THREADS = 8
 READ_AHEAD = 32
 
@@ -89,7 +85,6 @@ def write_shard(
         if samples:
             size, digest = storage.sha256_of(local)
             stats.update(bytes=size, sha256=digest)
-            _maybe_kill_self()
             storage.put_file_atomic(local, shard_url(dest, shard.name))
     stats.update(rejected=rejected, kept_original=kept, input_bytes=input_bytes,
                  seconds=round(time.perf_counter() - started, 3))
@@ -127,15 +122,13 @@ def _add_sample(
 ) -> None:
     meta: dict[str, Any] = {"source": item.source, "source_bytes": source_bytes, **encoded.meta}
     if multi_label:
-        meta = {"labels": list(item.labels), "classes": [classes[i] for i in item.labels], **meta}
+        meta["classes"] = [classes[i] for i in item.labels]
     else:
-        meta = {"class": classes[item.labels[0]], **meta}
+        meta["class"] = classes[item.labels[0]]
     if item.fields:
         meta["fields"] = item.fields
-    _add_member(tar, f"{key}.{encoded.ext}", encoded.data)
-    if not multi_label:
-        _add_member(tar, f"{key}.cls", str(item.labels[0]).encode())
-    _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+    for name, data in encode_sample(key, encoded.data, encoded.ext, item.labels, multi_label, meta):
+        _add_member(tar, name, data)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -147,15 +140,3 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def _maybe_kill_self() -> None:
-    marker = os.environ.get(KILL_ONCE_ENV)
-    if not marker:
-        return
-    try:
-        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        return
-    os.close(fd)
-    os.kill(os.getpid(), signal.SIGKILL)

@@ -28,6 +28,7 @@ from fsspec.core import url_to_fs
 
 from data_prep.images import Rejected
 from pipeline import storage
+from pipeline.errors import MixerError
 
 LAYOUTS = ("imagefolder", "i21k-tars", "manifest")
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -37,7 +38,7 @@ LABEL_COLUMNS = ("labels", "label", "classes", "class")
 CSV_LABEL_SEPARATOR = "|"
 
 
-class SourceError(ValueError):
+class SourceError(MixerError):
     """A source that cannot be listed; the message names the URL and what to change."""
 
 
@@ -103,15 +104,18 @@ def list_source(url: str, layout: str = "auto", classes_file: str | None = None)
     url = url.rstrip("/")
     if layout == "auto":
         layout = detect_layout(url)
-    rejected: list[dict[str, str]] = []
-    if layout == "imagefolder":
-        raws, notes = _list_imagefolder(url)
-    elif layout == "i21k-tars":
-        raws, notes = _list_i21k_tars(url, rejected)
-    elif layout == "manifest":
-        raws, notes = _list_manifest(url)
-    else:
+    if layout not in LAYOUTS:
         raise SourceError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+    rejected: list[dict[str, str]] = []
+    try:
+        if layout == "imagefolder":
+            raws, notes = _list_imagefolder(url)
+        elif layout == "i21k-tars":
+            raws, notes = _list_i21k_tars(url, rejected)
+        else:
+            raws, notes = _list_manifest(url)
+    except FileNotFoundError as e:
+        raise SourceError(f"{url}: not found while listing the {layout} layout ({e})") from e
     if not raws:
         raise SourceError(f"{url}: no inputs found for layout {layout}")
     fixed = read_classes_file(classes_file) if classes_file else None
@@ -157,6 +161,8 @@ def _hidden(relative: str) -> bool:
 
 def _list_imagefolder(url: str) -> tuple[list[_Raw], list[str]]:
     fs, root = storage.filesystem(url)
+    if not fs.isdir(root):
+        raise SourceError(f"{url}: no such folder; the imagefolder layout is ROOT/<class>/<image>")
     found = fs.find(root, detail=True)
     raws, hidden, loose = [], 0, 0
     for path, info in found.items():

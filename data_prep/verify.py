@@ -1,14 +1,14 @@
 """`mixer verify DS`: read every shard back with the stock webdataset reader and check it against dataset.json.
 
-Per shard: size, sha256 and sample count as recorded; every sample has an image and its label(s); labels are in
-range; keys are unique across the whole dataset. Overall: inputs = samples + rejected, and rejected.jsonl has one
-line per rejected input. Each problem is reported with the shard it was found in.
+Per shard: size, sha256 and sample count as recorded; every sample decodes by pipeline.shard_format, the rule the
+training reader applies (one image, its label or labels, in range); keys are unique across the whole dataset.
+Overall: inputs = samples + rejected, and rejected.jsonl has one line per rejected input. Each problem is reported
+with the shard it was found in.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +16,7 @@ from typing import Any
 import webdataset as wds
 
 from pipeline import dataset_json, storage
-
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+from pipeline.shard_format import decode_sample
 
 
 @dataclass
@@ -59,9 +58,11 @@ def check_shard(info: dataset_json.DatasetInfo, shard: dataset_json.Shard) -> Sh
             for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([source])):
                 check.samples += 1
                 check.keys.append(sample["__key__"])
-                problem = _check_sample(sample, info)
-                if problem:
-                    check.problems.append(f"{shard.name}: sample {sample['__key__']}: {problem}")
+                members = {ext: data for ext, data in sample.items() if not ext.startswith("__")}
+                try:
+                    decode_sample(shard.name, sample["__key__"], members, info.multi_label, info.num_classes)
+                except dataset_json.DatasetError as e:
+                    check.problems.append(str(e))
             stream.drain()  # the tar reader stops at the end-of-archive marker; the hash covers the whole object
     except FileNotFoundError:
         check.problems.append(f"{shard.name}: missing ({url})")
@@ -77,33 +78,6 @@ def check_shard(info: dataset_json.DatasetInfo, shard: dataset_json.Shard) -> Sh
     if check.samples != shard.samples:
         check.problems.append(f"{shard.name}: {check.samples} samples, dataset.json says {shard.samples}")
     return check
-
-
-def _check_sample(sample: dict[str, Any], info: dataset_json.DatasetInfo) -> str | None:
-    if "." in sample["__key__"].rsplit("/", 1)[-1]:
-        return "key contains a dot"
-    images = [ext for ext in IMAGE_EXTS if ext in sample]
-    if len(images) != 1:
-        return f"expected one image ({'/'.join(IMAGE_EXTS)}), found {len(images)}"
-    if not sample[images[0]]:
-        return "empty image"
-    if info.multi_label:
-        if "json" not in sample:
-            return "no .json with labels"
-        labels = json.loads(sample["json"]).get("labels")
-        if not isinstance(labels, list) or not labels:
-            return f".json has no labels list (got {labels!r})"
-    else:
-        if "cls" not in sample:
-            return "no .cls label"
-        text = sample["cls"].decode().strip()
-        if not text.isdigit():
-            return f".cls is not a decimal integer: {text!r}"
-        labels = [int(text)]
-    bad = [label for label in labels if not isinstance(label, int) or not 0 <= label < info.num_classes]
-    if bad:
-        return f"labels {bad} outside 0..{info.num_classes - 1}"
-    return None
 
 
 def verify(url: str, threads: int = 8) -> tuple[list[str], dict[str, Any]]:

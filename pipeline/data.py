@@ -56,15 +56,16 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from pipeline import storage
+from pipeline.config import SpecError, check_stream_layout
 from pipeline.dataset_json import DatasetError, DatasetInfo, Shard, Split
 from pipeline.dataset_json import load as load_dataset
+from pipeline.shard_format import decode_sample, split_member
 
 WINDOW = 4  # consecutive pieces of a stream shuffled together
 ORDER_VERSION = 1  # bump when the order scheme changes: old stream states then refuse to load
 
 # Domains of the derived seeds, so that e.g. a window's permutation and a sample's crop never share a seed.
 _SHARDS, _WINDOW, _SAMPLE, _MIXUP = range(4)
-_IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 @dataclass
@@ -120,6 +121,26 @@ def check_dataset(url: str) -> DatasetInfo:
         if split.shards and split.samples == 0:
             raise DatasetError(f"{info.url}: split {name!r} has shards but no samples")
     return info
+
+
+def batches_per_epoch(samples: int, streams: int, global_batch: int) -> int:
+    """Whole global batches in an epoch of `samples`: each of the streams holds samples // streams of them and
+    gives global_batch // streams to every batch; the tails are dropped."""
+    return samples // streams // (global_batch // streams)
+
+
+def check_split(info: DatasetInfo, split_name: str, streams: int, global_batch: int) -> None:
+    """What a training order needs of the dataset: every stream starts in its own shard, and an epoch holds at
+    least one global batch. The spec-only rules are pipeline.config.check_stream_layout's."""
+    split = info.split(split_name)
+    if len(split.shards) < streams:
+        raise DatasetError(
+            f"{info.url}: split {split_name!r} has {len(split.shards)} shards, fewer than data.streams={streams}; "
+            "prepare the dataset with a smaller --shard-size or lower data.streams"
+        )
+    if split.samples < global_batch:
+        raise DatasetError(f"{info.url}: split {split_name!r} has {split.samples} samples, fewer than one global "
+                           f"batch of {global_batch}; lower batch.global or use a larger dataset")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -209,13 +230,6 @@ def _load_window(info: DatasetInfo, split: Split, pieces: list[_Piece], wanted: 
 # reading shards
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """`a/b/key.jpg` -> (`a/b/key`, `jpg`): the key runs to the first dot of the file name, as in webdataset."""
-    folder, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), ext.lower()
-
-
 def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: int) -> Iterator[tuple[int, _Sample]]:
     """Samples [0, stop) of a shard that are in `wanted` (None: all), streamed through fsspec. Members of other
     samples are passed over without being extracted; reading ends at `stop`."""
@@ -225,9 +239,10 @@ def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: 
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
-                if not member.isfile():
+                named = split_member(member.name) if member.isfile() else None
+                if named is None:
                     continue
-                name, ext = _split_name(member.name)
+                name, ext = named
                 if name != key:
                     if key is not None and (wanted is None or index in wanted):
                         yield index, _make_sample(url, key, files, info)
@@ -248,21 +263,7 @@ def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: 
 
 
 def _make_sample(url: str, key: str, files: dict[str, bytes], info: DatasetInfo) -> _Sample:
-    image = next((files[e] for e in _IMAGE_EXTS if e in files), None)
-    if image is None:
-        raise DatasetError(f"{url}: sample {key!r} has no image ({', '.join(_IMAGE_EXTS)}); found {sorted(files)}")
-    labels: tuple[int, ...] | None = None
-    try:
-        if "json" in files and (info.multi_label or "cls" not in files):
-            labels = tuple(int(x) for x in json.loads(files["json"])["labels"])
-        elif "cls" in files:
-            labels = (int(files["cls"].decode().strip()),)
-    except (ValueError, KeyError, TypeError) as e:
-        raise DatasetError(f"{url}: sample {key!r} has a malformed label ({e})") from e
-    if labels is None:
-        raise DatasetError(f"{url}: sample {key!r} has no label (.cls or .json with \"labels\")")
-    if any(not 0 <= label < info.num_classes for label in labels):
-        raise DatasetError(f"{url}: sample {key!r} has labels {list(labels)} outside the {info.num_classes} classes")
+    image, labels = decode_sample(url, key, files, info.multi_label, info.num_classes)
     return _Sample(key, image, labels, url)
 
 
@@ -376,7 +377,7 @@ def _produce_train(info: DatasetInfo, cfg: StreamConfig, streams: range, epoch: 
     split = info.split(cfg.split)
     per_stream = cfg.global_batch // cfg.streams
     stream_len = split.samples // cfg.streams
-    batches = stream_len // per_stream
+    batches = batches_per_epoch(split.samples, cfg.streams, cfg.global_batch)
     randaug = None
     if cfg.randaug_layers > 0:
         randaug = v2.RandAugment(num_ops=cfg.randaug_layers, magnitude=cfg.randaug_magnitude)
@@ -424,25 +425,12 @@ class TrainStream:
     """This rank's share of the global batch sequence, epoch after epoch, resumable with state_dict()."""
 
     def __init__(self, info: DatasetInfo, cfg: StreamConfig, rank: int, world_size: int):
-        split = info.split(cfg.split)
-        readers = world_size * max(cfg.loader_workers, 1)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the world of size {world_size}")
-        if cfg.streams <= 0 or cfg.streams % readers:
-            raise ValueError(f"data.streams={cfg.streams} is not divisible by workers x max(loader_workers, 1) = "
-                             f"{world_size} x {max(cfg.loader_workers, 1)}; set data.streams to a multiple of it")
-        if cfg.global_batch % cfg.streams:
-            raise ValueError(f"batch.global={cfg.global_batch} is not divisible by data.streams={cfg.streams}")
-        if len(split.shards) < cfg.streams:
-            raise DatasetError(
-                f"{info.url}: split {cfg.split!r} has {len(split.shards)} shards, fewer than data.streams="
-                f"{cfg.streams}; prepare the dataset with a smaller --shard-size or lower data.streams"
-            )
-        per_stream = cfg.global_batch // cfg.streams
-        self.batches_per_epoch = split.samples // cfg.streams // per_stream
-        if self.batches_per_epoch == 0:
-            raise DatasetError(f"{info.url}: split {cfg.split!r} has {split.samples} samples, fewer than one global "
-                               f"batch of {cfg.global_batch}; lower batch.global or use a larger dataset")
+        check_stream_layout(cfg.streams, cfg.global_batch, world_size, cfg.loader_workers)
+        check_split(info, cfg.split, cfg.streams, cfg.global_batch)
+        split = info.split(cfg.split)
+        self.batches_per_epoch = batches_per_epoch(split.samples, cfg.streams, cfg.global_batch)
         self.info, self.cfg = info, cfg
         per_rank = cfg.streams // world_size
         self.streams = range(rank * per_rank, (rank + 1) * per_rank)
@@ -503,14 +491,14 @@ class TrainStream:
         mine = self._identity()
         for name, value in mine.items():
             if state.get(name) != value:
-                raise ValueError(
+                raise SpecError(
                     f"data stream state: {name} was {state.get(name)!r} when saved, now {value!r}; the saved "
                     "position belongs to another sample order (seed, data.streams, batch.global, the split and "
                     "the dataset must stay fixed for the life of a run)"
                 )
         if not 0 <= state["batch"] < self.batches_per_epoch or state["epoch"] < 0:
-            raise ValueError(f"data stream state: position (epoch {state['epoch']}, batch {state['batch']}) is "
-                             f"outside the {self.batches_per_epoch} batches of an epoch")
+            raise SpecError(f"data stream state: position (epoch {state['epoch']}, batch {state['batch']}) is "
+                            f"outside the {self.batches_per_epoch} batches of an epoch")
         self.close()
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 

@@ -12,8 +12,7 @@
             "val": {...}},
  "inputs": M, "samples": N_all, "rejected": R}     # inputs == samples + rejected
 ```
-Shards are plain tars of `{key}.jpg|.png` with `{key}.cls` (single label, decimal) and/or `{key}.json`
-(`{"labels": [...], ...source metadata}`); keys contain no dots and are unique across the dataset.
+Shards are plain tars whose samples pipeline.shard_format defines; keys are unique across the dataset.
 """
 
 from __future__ import annotations
@@ -22,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import storage
+from pipeline.errors import MixerError
 
 FORMAT = "mixer-wds"
 VERSION = 1
 
 
-class DatasetError(ValueError):
+class DatasetError(MixerError):
     """A dataset that cannot be read; the message names the URL and what is wrong."""
 
 

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipeline import data, storage
+from pipeline.config import SpecError
 from pipeline.dataset_json import DatasetError, DatasetInfo, Shard, Split, save
 
 SHARD_SIZES = [14, 11, 13, 12, 15, 10, 13, 12, 14, 11, 13, 12]  # 150 samples, uneven on purpose
@@ -191,10 +192,12 @@ def test_resume_skips_shards_and_samples_it_does_not_need(dataset, monkeypatch):
 
 def test_state_from_another_order_is_refused(dataset):
     state = data.TrainStream(dataset, config(), 0, 1).state_dict()
-    with pytest.raises(ValueError, match="streams"):
+    with pytest.raises(SpecError, match="streams was 4 when saved, now 2"):
         data.TrainStream(dataset, config(streams=2), 0, 1).load_state_dict(state)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(SpecError, match="seed was 3 when saved, now 4"):
         data.TrainStream(dataset, config(seed=4), 0, 1).load_state_dict(state)
+    with pytest.raises(SpecError, match=r"position \(epoch 0, batch 9\) is outside the 9 batches"):
+        data.TrainStream(dataset, config(), 0, 1).load_state_dict({**state, "batch": 9})
 
 
 def test_s3_reads_the_same_batches_as_local(dataset, bucket, tmp_path, reference):
@@ -289,3 +292,19 @@ def test_missing_dataset_json_names_the_url_and_prepare(tmp_path):
 def test_too_few_shards_for_the_streams(dataset):
     with pytest.raises(DatasetError, match=r"12 shards.*data.streams=16.*--shard-size"):
         data.TrainStream(dataset, config(streams=16), 0, 1)
+
+
+def test_the_stream_layout_is_the_specs_rule_and_the_split_size_the_datasets(dataset):
+    with pytest.raises(SpecError, match=r"batch.global=16 is not divisible by data.streams=3"):
+        data.TrainStream(dataset, config(streams=3), 0, 1)
+    with pytest.raises(SpecError, match=r"data.streams=4 is not divisible by cluster.workers x .* = 8 x 1 = 8"):
+        data.TrainStream(dataset, config(), 0, 8)
+    with pytest.raises(SpecError, match=r"= 2 x 4 = 8"):
+        data.TrainStream(dataset, config(loader_workers=4), 0, 2)
+    data.check_split(dataset, "train", 12, 150)  # a stream per shard, one global batch: just enough
+    with pytest.raises(DatasetError, match=r"12 shards, fewer than data.streams=13"):
+        data.check_split(dataset, "train", 13, 13)
+    with pytest.raises(DatasetError, match=r"150 samples, fewer than one global batch of 152"):
+        data.check_split(dataset, "train", 4, 152)
+    with pytest.raises(DatasetError, match=r"no split 'test'"):
+        data.check_split(dataset, "test", 4, 16)

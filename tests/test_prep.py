@@ -9,21 +9,26 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import webdataset as wds
 from PIL import Image
 
+from data_prep.plan import plan_dataset
 from data_prep.prepare import PrepareError, PrepareOptions, prepare
 from data_prep.sample_data import make_sample_data
-from data_prep.shard import KILL_ONCE_ENV
+from data_prep.shard import shard_url, stats_url
+from data_prep.sources import list_source
 from data_prep.verify import verify
 from pipeline import cli, dataset_json, storage
 
@@ -156,14 +161,80 @@ def test_resume_after_the_driver_is_killed(sources, reference, ray_cluster, tmp_
     assert not [p for p in dest.rglob("*") if p.name.startswith(".tmp-")]
 
 
-def test_resume_after_a_worker_is_killed_mid_shard(sources, reference, ray_cluster, tmp_path, monkeypatch, capsys):
-    marker = tmp_path / "worker-killed"
-    monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
-    dest = str(tmp_path / "ds")
-    prepare(sources["imagefolder"]["url"], dest, OPTIONS, workers=2, progress=False)
-    assert marker.exists()  # a worker did die with its shard written but not yet published
-    assert "attempt 1 failed" in capsys.readouterr().err
-    _assert_same_dataset(dest, reference)
+def _worker_writing(shard: str) -> psutil.Process | None:
+    """The Ray worker inside the task that writes `shard`: its process title names the task, and it holds the
+    shard's temporary tar open."""
+    for proc in psutil.process_iter(["cmdline"]):
+        if (proc.info["cmdline"] or [""])[0] != "ray::write_shard":
+            continue
+        try:
+            if any(Path(f.path).name == shard and "mixer-shard-" in f.path for f in proc.open_files()):
+                return proc
+        except psutil.Error:  # it finished or died while we looked
+            continue
+    return None
+
+
+def _replace_fifo_with_empty_file(path: Path, wake_reader: bool) -> None:
+    """Put the empty input back. A reader blocked opening the FIFO keeps waiting on it after the swap unless woken
+    (it then fails its read, and its shard is retried)."""
+    if not stat.S_ISFIFO(path.lstat().st_mode):
+        return
+    writer = None
+    if wake_reader:
+        try:
+            writer = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: nobody is waiting
+            pass
+    path.unlink()
+    path.write_bytes(b"")
+    if writer is not None:
+        os.close(writer)
+
+
+def _kill_mid_shard(fifo: Path, dest: Path, shard: str, seen: dict) -> None:
+    """Kill the worker writing `shard` from outside, then let the retry read what the input was: an empty file."""
+    try:
+        deadline = time.monotonic() + 300
+        while (worker := _worker_writing(shard)) is None:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+        seen["title"] = worker.cmdline()[0]
+        seen["published"] = [url for url in (shard_url(str(dest), shard), stats_url(str(dest), shard))
+                             if os.path.exists(url)]
+        _replace_fifo_with_empty_file(fifo, wake_reader=False)  # before the kill, so the retry finds the file
+        worker.kill()
+        worker.wait(120)
+        seen["killed"] = worker.pid
+    finally:
+        _replace_fifo_with_empty_file(fifo, wake_reader=True)  # never leave the run waiting for ever
+
+
+def test_resume_after_a_worker_is_killed_mid_shard(sources, reference, ray_cluster, tmp_path, capsys):
+    source = Path(sources["imagefolder"]["url"])
+    rejected = [json.loads(line) for line in (Path(reference) / "rejected.jsonl").read_text().splitlines()]
+    empty = next(r["source"] for r in rejected if r["reason"] == "empty")
+    shard = next(s.name for s in plan_dataset(list_source(str(source)), OPTIONS).shards
+                 if any(item.source == empty for _, item in s.samples))
+    dest = tmp_path / "ds"
+    # The empty input becomes a FIFO: it lists the same (0 bytes), and the task that reads it waits inside its
+    # shard for a writer that never comes, however fast or slow this machine is.
+    (source / empty).unlink()
+    os.mkfifo(source / empty)
+    seen: dict = {}
+    killer = threading.Thread(target=_kill_mid_shard, args=(source / empty, dest, shard, seen))
+    killer.start()
+    try:
+        prepare(str(source), str(dest), OPTIONS, workers=2, progress=False)
+    finally:
+        killer.join()
+        _replace_fifo_with_empty_file(source / empty, wake_reader=True)
+    assert seen.get("title") == "ray::write_shard" and "killed" in seen, seen
+    assert seen["published"] == []  # killed with its shard neither published nor recorded
+    assert f"{shard}: attempt 1 failed" in capsys.readouterr().err
+    _assert_same_dataset(str(dest), reference)
+    assert not [p for p in dest.rglob("*") if p.name.startswith(".tmp-")]
 
 
 def test_verify_names_a_damaged_shard_and_a_rerun_repairs_it(sources, reference, ray_cluster, tmp_path, capsys):
@@ -213,3 +284,21 @@ def test_sample_images_are_learnable_by_class(reference):
     centroids = np.stack([xs[ys == c].mean(0) for c in range(info.num_classes)])
     predicted = np.argmin(((xs[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (predicted == ys).mean() > 0.8
+
+
+def test_cli_reports_errors_on_stderr_with_status_2(tmp_path, capsys):
+    """Every mistake below is found before Ray starts; `mixer` prints it once, as `error: ...`."""
+    missing = str(tmp_path / "nope" / "m.jsonl")
+    dest = str(tmp_path / "ds")
+    cases = [
+        (["prepare", missing, dest, "--layout", "manifest"], f"{missing}: not found"),
+        (["prepare", str(tmp_path), dest, "--max-size", "0"], "--max-size must be at least 1"),
+        (["prepare", str(tmp_path), dest, "--shard-size", "0"], "--shard-size must be at least 1"),
+        (["make-sample-data", str(tmp_path / "raw"), "--layout", "imagefolder", "--classes", "0", "--per-class", "1"],
+         "--classes and --per-class must be at least 1"),
+        (["verify", str(tmp_path / "nope")], "dataset.json does not exist"),
+    ]
+    for argv, says in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err, err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections import Counter
 
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.images import Rejected
-from data_prep.plan import PlanError, PlanOptions, make_plan, sample_key
+from data_prep.plan import PlanError, PlanOptions, plan_dataset, sample_key
 from data_prep.sample_data import make_sample_data
 from data_prep.sources import Item, Listing, SourceError, detect_layout, list_source, read_item
 
@@ -29,14 +30,14 @@ def _contents(plan) -> list[tuple[str, str, list[str]]]:
 
 def test_plan_is_a_pure_function_of_listing_and_options():
     options = PlanOptions(shard_size=16, val_per_class=3, seed=7)
-    a, b = make_plan(_listing(), options), make_plan(_listing(), options)
+    a, b = plan_dataset(_listing(), options), plan_dataset(_listing(), options)
     assert _contents(a) == _contents(b) and a.digest == b.digest
-    other_seed = make_plan(_listing(), PlanOptions(shard_size=16, val_per_class=3, seed=8))
+    other_seed = plan_dataset(_listing(), PlanOptions(shard_size=16, val_per_class=3, seed=8))
     assert other_seed.digest != a.digest and _contents(other_seed) != _contents(a)
 
 
 def test_val_is_stratified_and_shards_are_balanced_and_mixed():
-    plan = make_plan(_listing(5, 30), PlanOptions(shard_size=16, val_per_class=3, seed=0))
+    plan = plan_dataset(_listing(5, 30), PlanOptions(shard_size=16, val_per_class=3, seed=0))
     val = [item for s in plan.shards if s.split == "val" for _, item in s.samples]
     assert Counter(item.labels[0] for item in val) == {c: 3 for c in range(5)}
     train = [s for s in plan.shards if s.split == "train"]
@@ -49,13 +50,13 @@ def test_val_is_stratified_and_shards_are_balanced_and_mixed():
 
 
 def test_val_fraction_rounds_per_class():
-    plan = make_plan(_listing(4, 10), PlanOptions(shard_size=100, val_fraction=0.25))
+    plan = plan_dataset(_listing(4, 10), PlanOptions(shard_size=100, val_fraction=0.25))
     assert plan.split_sizes() == {"train": 28, "val": 12}  # round(2.5) = 3 per class
 
 
 def test_keys_are_stable_unique_and_dotless():
     listing = _listing()
-    plan = make_plan(listing, PlanOptions(shard_size=50))
+    plan = plan_dataset(listing, PlanOptions(shard_size=50))
     keys = [key for s in plan.shards for key, _ in s.samples]
     assert len(set(keys)) == len(keys) and not any("." in k for k in keys)
     item = listing.items[0]
@@ -65,11 +66,11 @@ def test_keys_are_stable_unique_and_dotless():
 
 def test_bad_options_are_refused_by_name():
     with pytest.raises(PlanError, match="--shard-size"):
-        make_plan(_listing(), PlanOptions(shard_size=0))
+        plan_dataset(_listing(), PlanOptions(shard_size=0))
     with pytest.raises(PlanError, match="not both"):
-        make_plan(_listing(), PlanOptions(val_per_class=2, val_fraction=0.1))
+        plan_dataset(_listing(), PlanOptions(val_per_class=2, val_fraction=0.1))
     with pytest.raises(PlanError, match="--val-fraction"):
-        make_plan(_listing(), PlanOptions(val_fraction=1.5))
+        plan_dataset(_listing(), PlanOptions(val_fraction=1.5))
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +172,10 @@ def test_truncated_tar_keeps_the_members_before_the_damage(tmp_path, cut, listed
 def test_unknown_layout_and_missing_source_are_clear(tmp_path):
     with pytest.raises(SourceError, match="no such file or folder"):
         list_source(str(tmp_path / "nope"))
+    for layout, url in (("imagefolder", tmp_path / "nope"), ("i21k-tars", tmp_path / "nope"),
+                        ("manifest", tmp_path / "nope" / "m.jsonl"), ("manifest", tmp_path / "nope" / "m.parquet")):
+        with pytest.raises(SourceError, match=f"^{re.escape(str(url))}: "):
+            list_source(str(url), layout=layout)
     (tmp_path / "mixed").mkdir()
     (tmp_path / "mixed" / "a.tar").write_bytes(b"")
     (tmp_path / "mixed" / "cls").mkdir()
@@ -185,3 +190,4 @@ def test_sample_data_is_deterministic_for_a_seed(tmp_path):
     for name, seed in (("a", 4), ("b", 4), ("c", 5)):
         make_sample_data(str(tmp_path / name), "i21k-tars", classes=2, per_class=6, bad=3, seed=seed)
     assert files(tmp_path / "a") == files(tmp_path / "b") != files(tmp_path / "c")
+

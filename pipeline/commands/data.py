@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 PREPARE_EXAMPLES = """\
 examples:
@@ -60,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "verify",
         help="check a prepared dataset against its dataset.json",
         description="Read every shard with webdataset; recompute sizes, sha256 and counts; check keys and labels. "
-        "Exits 1 and names the shard when anything differs from dataset.json.",
+        "Exits 1 and names the shard when anything differs from dataset.json; 2 when DS holds no readable dataset.json "
+        "to check against.",
     )
     v.add_argument("dataset", metavar="DS", help="dataset URL (the folder holding dataset.json)")
     v.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -85,32 +85,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    from data_prep.plan import PlanError
-    from data_prep.prepare import PrepareError, PrepareOptions, prepare
-    from data_prep.sources import SourceError
+    from data_prep.prepare import PrepareOptions, prepare
 
     options = PrepareOptions(
         layout=args.layout, classes_file=args.classes_file, max_size=args.max_size, quality=args.quality,
         shard_size=args.shard_size, val_per_class=args.val_per_class, val_fraction=args.val_fraction, seed=args.seed,
     )
-    try:
-        prepare(args.source, args.dest, options, workers=args.workers, ray_address=args.ray_address,
-                retries=args.retries, progress=not args.no_progress)
-    except (PrepareError, PlanError, SourceError, FileNotFoundError) as e:
-        print(f"mixer prepare: {e}", file=sys.stderr)
-        return 1
+    prepare(args.source, args.dest, options, workers=args.workers, ray_address=args.ray_address,
+            retries=args.retries, progress=not args.no_progress)
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    """Exit status 1 when the dataset has problems: a finding about the data, not an error of the command."""
     from data_prep.verify import verify
-    from pipeline.dataset_json import DatasetError
 
-    try:
-        problems, summary = verify(args.dataset)
-    except DatasetError as e:
-        print(f"mixer verify: {e}", file=sys.stderr)
-        return 1
+    problems, summary = verify(args.dataset)
     if args.json:
         print(json.dumps({**summary, "problems": problems}, indent=2))
     else:
@@ -126,12 +116,8 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_make_sample_data(args: argparse.Namespace) -> int:
     from data_prep.sample_data import make_sample_data
 
-    try:
-        made = make_sample_data(args.dest, args.layout, args.classes, args.per_class, args.bad, args.seed,
-                                args.manifest_format)
-    except ValueError as e:
-        print(f"mixer make-sample-data: {e}", file=sys.stderr)
-        return 1
+    made = make_sample_data(args.dest, args.layout, args.classes, args.per_class, args.bad, args.seed,
+                            args.manifest_format)
     print(f"wrote {made['images']} images in {made['classes']} classes and {made['bad']} bad files to "
           f"{made['dest']} ({made['layout']})")
     source = f"{made['dest']}/manifest.{args.manifest_format}" if args.layout == "manifest" else made["dest"]
