@@ -98,7 +98,7 @@ def main() -> int:
     import fsspec
     import torch
 
-    from pipeline.checkpoint import CheckpointStore
+    from pipeline.checkpoint import CheckpointStore, StepRecord
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -124,8 +124,9 @@ def main() -> int:
         step = r + 1
         train_step(engine, images, labels)
         t0 = time.perf_counter()
-        store.save(engine, step, client_state={"step": step}, rank_state={"rng": torch.get_rng_state()},
-                   meta={"model_config": engine.module.init_kwargs()})
+        record = StepRecord(step=step, world_size=1, zero_stage=int(engine.zero_optimization_stage()),
+                            model_config=engine.module.init_kwargs(), train_state={"step": step})
+        store.save(engine, record, rank_state={"rng": torch.get_rng_state()})
         stalls.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         store.wait()

@@ -1,11 +1,14 @@
-"""The checkpoint store on any fsspec URL: save, commit, list, latest, load, retention, verify, export.
+"""The checkpoint store on any fsspec URL: save, commit, list, latest, load, retention, verify, and the consolidated
+fp32 weights of a step. It knows files and DeepSpeed states, not models: weight formats live in pipeline.convert.
 
 DeepSpeed writes and reads local paths only, so every rank stages its checkpoint on node-local disk and moves it
 to the store itself. Layout under `RUN/checkpoints/`:
 
 ```
 step-000000100/            DeepSpeed files of the step (tag = folder name), meta.json, rank_state-00000.pt ...
-step-000000100/manifest.json   {"step", "time", "world_size", "zero_stage", "files": {name: {bytes, sha256}}}
+step-000000100/meta.json       the step's record: step, time, world_size, zero_stage, spec_hash, model_config,
+                               train_state (the trainer's own JSON state, e.g. the data stream's position)
+step-000000100/manifest.json   the same record plus "files": {name: {bytes, sha256}}
 step-000000100/universal/  the step converted for another world size (own manifest.json), made on demand
 step-000000100/_commit/    while a save is in flight: one confirmation per rank (its files, sizes, sha256)
 latest                     the newest committed step's folder name
@@ -31,10 +34,11 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from pipeline import storage
+from pipeline import deepspeed_compat, storage
+from pipeline.errors import MixerError
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +47,6 @@ META = "meta.json"
 LATEST = "latest"
 UNIVERSAL = "universal"
 COMMIT_DIR = "_commit"
-# The client state travels under one key of DeepSpeed's state dict, so that no client key can collide with
-# DeepSpeed's own ('module', 'optimizer', ...).
-CLIENT_KEY = "mixer_client_state"
-EXPORT_FORMATS = ("safetensors", "timm", "npz")
 COMMIT_TIMEOUT_S = 3600.0
 IO_THREADS = 8
 
@@ -56,12 +56,29 @@ _STEP_RE = re.compile(r"^step-(\d{9})$")
 _RANK_FILE_RE = re.compile(r"(?:zero_pp_rank_|rank_state-)(\d+)")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(MixerError):
     """A checkpoint that cannot be saved or loaded; the message names the step or file and what to do."""
 
 
 class _Damaged(CheckpointError):
     """A step whose files do not match its manifest (or whose manifest is unreadable): load may skip it."""
+
+
+@dataclass
+class StepRecord:
+    """What a step says about itself: written as meta.json and, with the list of files, as manifest.json."""
+
+    step: int
+    world_size: int
+    zero_stage: int
+    time: str = ""
+    spec_hash: str | None = None
+    model_config: dict[str, Any] | None = None
+    train_state: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> StepRecord:
+        return cls(**{f.name: manifest[f.name] for f in fields(cls) if f.name in manifest})
 
 
 @dataclass
@@ -131,57 +148,59 @@ class CheckpointStore:
             ))
         return infos
 
+    def record(self, step: int) -> StepRecord:
+        """The record of a committed step, from its manifest."""
+        return StepRecord.from_manifest(_read_manifest(self.step_url(step)))
+
     def latest(self) -> int | None:
         committed = _scan(self.url)[0]
         return committed[-1] if committed else None
 
     # ---- saving -------------------------------------------------------------------------------------------------
 
-    def save(self, engine, step: int, client_state: dict, rank_state: dict | None = None,
-             meta: dict | None = None) -> None:
-        """Collective: every rank calls it. Writes the checkpoint to local staging (the only part the training step
-        waits for), then uploads this rank's files in a background thread; rank 0's thread commits the step once
-        every rank has confirmed. At most one save is in flight: this first waits for the previous one."""
+    def save(self, engine: Any, record: StepRecord, rank_state: dict | None = None) -> None:
+        """Collective: every rank calls it with the same record. Writes the checkpoint to local staging (the only
+        part the training step waits for), then uploads this rank's files in a background thread; rank 0's thread
+        commits the step once every rank has confirmed. At most one save is in flight: this first waits for the
+        previous one. `rank_state` (this rank's own tensors and numbers) is loaded back with weights_only."""
         import torch
-        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
+        nonce = self._start_save()
+        rank, _ = _rank_world()
+        record.time = _utc_now()
+        tag = step_name(record.step)
+        root = os.path.join(self.staging, "save")
+        local_dir = os.path.join(root, tag)
+        if self._node()[0] == 0:
+            if os.path.exists(local_dir):
+                shutil.rmtree(local_dir)
+            os.makedirs(local_dir)
+        if rank == 0:
+            _uncommit_if_present(self.step_url(record.step))
+        _barrier()
+        engine.save_checkpoint(root, tag=tag, save_latest=False,
+                               client_state=deepspeed_compat.universal_info_client_state())
+        if rank_state is not None:
+            torch.save(rank_state, os.path.join(local_dir, rank_state_name(rank)))
+        if rank == 0:
+            with open(os.path.join(local_dir, META), "w") as f:
+                json.dump(asdict(record), f, indent=2)
+        files = [name for name in _walk(local_dir) if _owner(name) == rank]
+        self._thread = threading.Thread(target=self._upload, args=(record, local_dir, files, nonce),
+                                        name=f"checkpoint-upload-{tag}")
+        self._thread.start()
+
+    def _start_save(self) -> str:
+        """Wait for the previous save; refuse to go on if any rank's failed. Returns the save's nonce (rank 0's, on
+        every rank, so that stale confirmations of a killed save never count)."""
         previous = self._join()
-        rank, world = _rank_world()
-        local_rank, _ = self._node()
         status = _all_gather((None if previous is None else f"{type(previous).__name__}: {previous}",
                               uuid.uuid4().hex))
         failed = [f"rank {r}: {err}" for r, (err, _) in enumerate(status) if err]
         if failed:
             raise CheckpointError(f"{self.url}: the previous checkpoint upload failed ({'; '.join(failed)}); "
                                   "fix the store's access or space and resume from the last committed step")
-        nonce = status[0][1]  # every rank uses rank 0's, so that stale confirmations of a killed save never count
-        tag = step_name(step)
-        root = os.path.join(self.staging, "save")
-        local_dir = os.path.join(root, tag)
-        if local_rank == 0:
-            if os.path.exists(local_dir):
-                shutil.rmtree(local_dir)
-            os.makedirs(local_dir)
-        if rank == 0:
-            _uncommit_if_present(self.step_url(step))
-        _barrier()
-
-        started = _utc_now()
-        engine.save_checkpoint(root, tag=tag, save_latest=False,
-                               client_state={CLIENT_KEY: client_state, UNIVERSAL_CHECKPOINT_INFO: {}})
-        if rank_state is not None:
-            torch.save(rank_state, os.path.join(local_dir, rank_state_name(rank)))
-        if rank == 0 and meta is not None:
-            with open(os.path.join(local_dir, META), "w") as f:
-                json.dump(meta, f, indent=2)
-        files = [name for name in _walk(local_dir) if _owner(name) == rank]
-        commit = None
-        if rank == 0:
-            commit = {"step": step, "time": started, "world_size": world,
-                      "zero_stage": int(engine.zero_optimization_stage())}
-        self._thread = threading.Thread(target=self._upload, args=(step, local_dir, files, nonce, rank, world, commit),
-                                        name=f"checkpoint-upload-{tag}")
-        self._thread.start()
+        return status[0][1]
 
     def wait(self) -> None:
         """Block until this rank's in-flight upload (and on rank 0 the commit) is done; re-raise its error."""
@@ -196,10 +215,10 @@ class CheckpointStore:
         error, self._error = self._error, None
         return error
 
-    def _upload(self, step: int, local_dir: str, files: list[str], nonce: str, rank: int, world: int,
-                commit: dict | None) -> None:
+    def _upload(self, record: StepRecord, local_dir: str, files: list[str], nonce: str) -> None:
         # Runs in the background thread: no collectives here, only storage calls.
-        step_url = self.step_url(step)
+        rank, world = _rank_world()
+        step_url = self.step_url(record.step)
         confirmation = storage.join(step_url, COMMIT_DIR, f"{nonce}-{rank:05d}.json")
         try:
             try:
@@ -211,21 +230,22 @@ class CheckpointStore:
             for name in files:
                 os.remove(os.path.join(local_dir, name))
             _remove_empty_dirs(local_dir)
-            if commit is not None:
-                self._commit(step, nonce, world, commit)
+            if rank == 0:
+                self._commit(record, nonce, world)
         except BaseException as e:
-            log.error("checkpoint %s: upload from rank %d failed: %s", step_name(step), rank, e)
+            log.error("checkpoint %s: upload from rank %d failed: %s", step_name(record.step), rank, e)
             self._error = e
 
-    def _commit(self, step: int, nonce: str, world: int, commit: dict) -> None:
-        step_url = self.step_url(step)
+    def _commit(self, record: StepRecord, nonce: str, world: int) -> None:
+        step_url = self.step_url(record.step)
         confirmations = _wait_for_confirmations(storage.join(step_url, COMMIT_DIR), nonce, world)
         files: dict[str, dict] = {}
         for r, c in enumerate(confirmations):
             if "error" in c:
                 raise CheckpointError(f"{step_url}: rank {r} could not upload its files: {c['error']}")
             files.update(c["files"])
-        storage.write_json_atomic(storage.join(step_url, MANIFEST), {**commit, "files": dict(sorted(files.items()))})
+        storage.write_json_atomic(storage.join(step_url, MANIFEST),
+                                  {**asdict(record), "files": dict(sorted(files.items()))})
         fs, path = storage.filesystem(step_url)
         fs.rm(posixpath.join(path, COMMIT_DIR), recursive=True)
         committed, uncommitted = _scan(self.url)
@@ -255,12 +275,13 @@ class CheckpointStore:
 
     # ---- loading ------------------------------------------------------------------------------------------------
 
-    def load(self, engine, step: int | None = None, *, url: str | None = None) -> tuple[int, dict, dict | None]:
+    def load(self, engine: Any, step: int | None = None, *,
+             url: str | None = None) -> tuple[StepRecord, dict | None]:
         """Collective. Load the newest committed step (or `step`, or the step folder `url` of any run; a run URL
         there means its newest step). Every file is checked against the manifest before it is deserialised; with
         no explicit step a damaged step is skipped for the previous committed one, with a warning. A checkpoint of
         another world size is converted once to a universal checkpoint, stored next to the step.
-        Returns (step, client_state, this rank's rank_state or None when the world size changed)."""
+        Returns (the step's record, this rank's rank_state or None when the world size changed)."""
         rank, _ = _rank_world()
         candidates, fallback = None, False
         if rank == 0:
@@ -279,7 +300,7 @@ class CheckpointStore:
                 log.warning("%s; falling back to the previous committed checkpoint %s", e, candidates[i + 1])
         raise AssertionError("unreachable: _candidates never returns an empty list")
 
-    def _load_step(self, engine, step_url: str) -> tuple[int, dict, dict | None]:
+    def _load_step(self, engine: Any, step_url: str) -> tuple[StepRecord, dict | None]:
         import torch
 
         rank, world = _rank_world()
@@ -316,13 +337,14 @@ class CheckpointStore:
                 tag_loaded = tag
             else:
                 tag_loaded = self._universal(step_url, manifest, load_root, tag)
-            client = _engine_load(engine, load_root, tag_loaded, universal=not same_layout)
+            if deepspeed_compat.load_checkpoint(engine, load_root, tag_loaded, universal=not same_layout) is None:
+                raise CheckpointError(f"{load_root}/{tag_loaded}: DeepSpeed found no checkpoint to load")
             rank_state = None
             if same_world and rank_state_name(rank) in manifest["files"]:
                 rank_state = torch.load(os.path.join(load_root, tag, rank_state_name(rank)), map_location="cpu",
-                                        weights_only=False)
+                                        weights_only=True)
             log.info("loaded checkpoint %s%s", step_url, "" if same_layout else " (universal)")
-            return manifest["step"], client, rank_state
+            return StepRecord.from_manifest(manifest), rank_state
         finally:
             _barrier()
             if local_rank == 0 and os.path.exists(load_root):
@@ -341,7 +363,7 @@ class CheckpointStore:
                 if not storage.exists(storage.join(universal_url, MANIFEST)):
                     log.info("converting %s (world size %d, ZeRO %d) to a universal checkpoint", step_url,
                              manifest["world_size"], manifest["zero_stage"])
-                    _to_universal(os.path.join(load_root, tag), out)
+                    deepspeed_compat.to_universal(os.path.join(load_root, tag), out)
                     files = _walk(out)
                     entries = _put_files(out, files, universal_url)
                     storage.write_json_atomic(storage.join(universal_url, MANIFEST),
@@ -368,57 +390,20 @@ class CheckpointStore:
         return self._node_cache
 
 
-# ---- export ---------------------------------------------------------------------------------------------------------
+# ---- consolidated weights ---------------------------------------------------------------------------------------
 
-def export(src: str, out: str, format: str = "safetensors") -> str:
-    """Consolidate a checkpoint's ZeRO shards into fp32 weights of an MlpMixer and write them to `out` as safetensors,
-    a timm state dict (.pth) or an official-layout .npz. `src` is a run URL (its newest committed step) or a step
-    URL. Returns `out`."""
-    import io
-
-    import torch
-
-    from pipeline import convert
-    from pipeline.model import MlpMixer
-
-    if format not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+def consolidated_state_dict(src: str) -> tuple[dict[str, Any], StepRecord]:
+    """The fp32 weights of a checkpoint, its ZeRO shards gathered, and the step's record (whose `model_config`
+    rebuilds the model). `src` is a run URL (its newest committed step) or a step URL. Every file is checked
+    against the manifest before DeepSpeed reads it."""
     step_url = _resolve_step(src)
     manifest = _read_manifest(step_url)
-    if META not in manifest["files"]:
-        raise CheckpointError(f"{step_url}: has no {META} with the model config; it was saved without "
-                              "CheckpointStore.save(meta={'model_config': ...}) and cannot be exported")
-    tag = step_name(manifest["step"])
-    with tempfile.TemporaryDirectory(prefix="mixer-export-") as tmp:
+    record = StepRecord.from_manifest(manifest)
+    tag = step_name(record.step)
+    with tempfile.TemporaryDirectory(prefix="mixer-weights-") as tmp:
         names = [n for n in manifest["files"] if not n.startswith("rank_state-")]
         _raise_any([_fetch(step_url, manifest, names, os.path.join(tmp, tag))])
-        with open(os.path.join(tmp, tag, META)) as f:
-            meta = json.load(f)
-        state = _consolidated_state_dict(tmp, tag, manifest["zero_stage"])
-    if "model_config" not in meta:
-        raise CheckpointError(f"{step_url}/{META}: no 'model_config' key; cannot rebuild the model to export")
-    model = MlpMixer(**meta["model_config"])
-    model.load_state_dict(state)
-    if format == "safetensors":
-        convert.save_safetensors(model, out, metadata={"checkpoint": step_url})
-    elif format == "npz":
-        convert.to_npz(model, out)
-    else:
-        buf = io.BytesIO()
-        torch.save(convert.to_timm(model), buf)
-        storage.write_bytes_atomic(out, buf.getvalue())
-    return out
-
-
-def _consolidated_state_dict(root: str, tag: str, zero_stage: int) -> dict:
-    import torch
-
-    if zero_stage == 0:
-        return torch.load(os.path.join(root, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
-                          weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+        return deepspeed_compat.fp32_state_dict(tmp, tag, record.zero_stage), record
 
 
 def _resolve_step(src: str) -> str:
@@ -615,34 +600,6 @@ def _raise_any(problems_per_rank: list[list[str]]) -> None:
 
 def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-# ---- DeepSpeed -------------------------------------------------------------------------------------------------------
-
-def _engine_load(engine, load_root: str, tag: str, universal: bool) -> dict:
-    # "checkpoint.load_universal" is read from the engine's config at load time only, so it can be switched on for
-    # this one load and back off, instead of fixing it for the whole run at initialize().
-    previous = engine._config.load_universal_checkpoint
-    engine._config.load_universal_checkpoint = universal
-    try:
-        path, client = engine.load_checkpoint(load_root, tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-    finally:
-        engine._config.load_universal_checkpoint = previous
-    if path is None:
-        raise CheckpointError(f"{load_root}/{tag}: DeepSpeed found no checkpoint to load")
-    return client.get(CLIENT_KEY, {})
-
-
-def _to_universal(src: str, out: str) -> None:
-    import argparse
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    # One worker: the converter's process pools do not mix with the threads of a running training process.
-    args = argparse.Namespace(input_folder=src, output_folder=out, num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=False)
-    ds_to_universal.main(args)
 
 
 # ---- torch.distributed, or a single process without it ----------------------------------------------------------

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from pipeline.errors import MixerError
+
 # Module names, in the order their commands appear in `mixer --help`.
 COMMAND_GROUPS = ("models", "data", "train", "checkpoints", "jobs", "plan", "plot", "quickstart")
 
@@ -42,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except MixerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # a path the user gave that is not there
+        print(f"error: {e.filename or e}: no such file or object", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,7 @@
 """Weights in and out: official Flax `.npz` checkpoints (current and older key layouts), timm state dicts, and
-safetensors files carrying the model configuration. Every path may be an fsspec URL.
+safetensors files carrying the model configuration, and the consolidated weights of a run's checkpoint. Every path
+may be an fsspec URL. Weights from outside a run come in as safetensors or the official .npz (or a timm state dict,
+read with torch's weights_only loader); a run's own checkpoint is trusted like the run.
 
 Every loader reads the dimensions from the weights, checks the keys and shapes strictly (a mismatch lists every
 missing, unexpected and wrongly-shaped key), then adapts the model: `num_classes` different from the file's gives a
@@ -19,7 +21,16 @@ import safetensors.torch
 import torch
 
 from pipeline import storage
+from pipeline.checkpoint import CheckpointError, consolidated_state_dict
+from pipeline.errors import MixerError
 from pipeline.model import MlpMixer, expand_resolution
+
+EXPORT_FORMATS = ("safetensors", "timm", "npz")
+
+
+class WeightsError(MixerError, ValueError):
+    """Weights that do not fit the model they are loaded into, or a file that holds none; the message lists what."""
+
 
 # Our module names <-> the official Flax module names (path parts).
 _OFFICIAL_PARTS = {
@@ -100,13 +111,13 @@ def check_keys(found: dict[str, tuple], expected: dict[str, tuple], source: str)
     lines += [f"  missing     {k} {list(expected[k])}" for k in missing]
     lines += [f"  unexpected  {k} {list(found[k])}" for k in unexpected]
     lines += [f"  wrong shape {k}: file {list(found[k])}, expected {list(expected[k])}" for k in wrong]
-    raise ValueError("\n".join(lines))
+    raise WeightsError("\n".join(lines))
 
 
 def _require(found: dict[str, tuple], keys: list[str], source: str) -> None:
     missing = [k for k in keys if k not in found]
     if missing:
-        raise ValueError(f"{source}: not a Mixer checkpoint, missing keys needed to read its dimensions: "
+        raise WeightsError(f"{source}: not a Mixer checkpoint, missing keys needed to read its dimensions: "
                          + ", ".join(missing))
 
 
@@ -116,7 +127,7 @@ def _adapt(model: MlpMixer, num_classes: int | None, image_size: int | None, sou
         model.reset_head(num_classes)
     if image_size is not None and image_size != model.image_size:
         if image_size % model.image_size:
-            raise ValueError(
+            raise WeightsError(
                 f"{source}: weights for {model.image_size} px images can only be expanded to a multiple of "
                 f"{model.image_size} px (the token MLPs are tied to the number of tokens), got image_size={image_size}"
             )
@@ -127,7 +138,7 @@ def _adapt(model: MlpMixer, num_classes: int | None, image_size: int | None, sou
 def _native_image_size(tokens: int, patch: int, source: str) -> int:
     side = math.isqrt(tokens)
     if side * side != tokens:
-        raise ValueError(f"{source}: the token MLP mixes {tokens} tokens, which is not a square grid of patches")
+        raise WeightsError(f"{source}: the token MLP mixes {tokens} tokens, which is not a square grid of patches")
     return side * patch
 
 
@@ -208,7 +219,7 @@ def load_npz_state_dict(path: str) -> dict[str, torch.Tensor]:
     for key, a in read_npz(path).items():
         name = torch_name(key)
         if name is None:
-            raise ValueError(f"{path}: key {key} {list(a.shape)} has no place in a Mixer")
+            raise WeightsError(f"{path}: key {key} {list(a.shape)} has no place in a Mixer")
         state[name] = _from_official(a)
     return state
 
@@ -302,7 +313,7 @@ def weights_format(src: str) -> str:
     for suffix, kind in WEIGHT_FORMATS.items():
         if src.endswith(suffix):
             return kind
-    raise ValueError(f"{src}: unknown weights format; expected a file ending in {', '.join(WEIGHT_FORMATS)}")
+    raise WeightsError(f"{src}: unknown weights format; expected a file ending in {', '.join(WEIGHT_FORMATS)}")
 
 
 def load_torch_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -312,13 +323,53 @@ def load_torch_state_dict(path: str) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict (names -> tensors), found {type(obj).__name__}")
+        raise WeightsError(f"{path}: expected a state dict (names -> tensors), found {type(obj).__name__}")
     return obj
+
+
+def from_checkpoint(src: str, num_classes: int | None = None, image_size: int | None = None,
+                    **model_kwargs) -> MlpMixer:
+    """The model a run trained, from its newest committed step (`src` a run URL) or a given step folder."""
+    state, record = consolidated_state_dict(src)
+    if not record.model_config:
+        raise WeightsError(f"{src}: the checkpoint records no model_config; it cannot rebuild the model")
+    arch = {k: v for k, v in record.model_config.items() if k in _ARCH_KEYS}
+    model = MlpMixer(**{**arch, **model_kwargs})
+    model.load_state_dict(state)
+    return _adapt(model, num_classes, image_size, src)
+
+
+def export_weights(src: str, out: str, format: str = "safetensors") -> str:
+    """Write a checkpoint's fp32 weights to `out` as safetensors (with the model configuration), a timm state dict
+    (.pth) or an official-layout .npz. Returns `out`."""
+    if format not in EXPORT_FORMATS:
+        raise WeightsError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    model = from_checkpoint(src)
+    if format == "safetensors":
+        save_safetensors(model, out, metadata={"checkpoint": src})
+    elif format == "npz":
+        to_npz(model, out)
+    else:
+        buf = io.BytesIO()
+        torch.save(to_timm(model), buf)
+        storage.write_bytes_atomic(out, buf.getvalue())
+    return out
+
+
+def is_weights_file(src: str) -> bool:
+    return src.endswith(tuple(WEIGHT_FORMATS))
 
 
 def load_weights(src: str, num_classes: int | None = None, image_size: int | None = None,
                  **model_kwargs) -> MlpMixer:
-    """Load `src` whatever its format: official .npz, our or timm's .safetensors, timm .pth/.pt/.bin."""
+    """Load `src` whatever it is: official .npz, our or timm's .safetensors, timm .pth/.pt/.bin, or a run or step
+    URL (its checkpoint's weights, consolidated in memory)."""
+    if not is_weights_file(src):
+        try:
+            return from_checkpoint(src, num_classes, image_size, **model_kwargs)
+        except CheckpointError as e:
+            raise WeightsError(f"{src}: unknown weights format: neither a file ending in {', '.join(WEIGHT_FORMATS)} "
+                               f"nor a checkpoint ({e})") from e
     kind = weights_format(src)
     if kind == "official Flax .npz":
         return from_npz(src, num_classes, image_size, **model_kwargs)

@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from pipeline import config as config_lib
+from pipeline import run
 from pipeline.config import Spec
+from pipeline.errors import MixerError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # What a job needs of this repository; everything else (.venv, out/, tests/, benchmarks) stays behind.
@@ -33,7 +34,7 @@ SPEC_NAME = "spec.yaml"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class JobsError(RuntimeError):
+class JobsError(MixerError):
     """A submission or job request that failed; the message says what to do."""
 
 
@@ -75,7 +76,7 @@ def _translate_errors(address: str) -> Iterator[None]:
                         "dashboard, usually http://HEAD:8265) and that the head is running") from e
 
 
-def connect(address: str) -> Any:
+def client_for(address: str) -> Any:
     """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265), authenticated with the token."""
     from ray.job_submission import JobSubmissionClient
 
@@ -126,16 +127,13 @@ def job_request(spec: Spec, spec_path: str, working_dir: str) -> dict[str, Any]:
 
 def submit(spec_path: str, address: str, overrides: list[str] | None = None, workers: int | None = None,
            out: TextIO = sys.stdout) -> str:
-    """Validate the spec here, then submit it as a Ray job; returns the job's submission id."""
-    extra = list(overrides or [])
-    if workers is not None:
-        extra.append(f"cluster.workers={workers}")
-    spec = config_lib.load(spec_path, extra)
-    changed = config_lib.absolute_local_paths(spec, os.getcwd())
+    """Validate the spec here, then submit it as a Ray job; returns the job's submission id. The cluster side runs
+    `mixer train`, which resolves the spec for the run (pipeline/run.py) before any worker starts."""
+    spec, changed = run.absolute_paths(run.load_spec(spec_path, overrides, workers))
     if changed:
         print(f"note: {', '.join(changed)} made absolute; local paths only work on a cluster that shares this "
               "filesystem (use s3:// URLs on a real cluster)", file=out)
-    client = connect(address)
+    client = client_for(address)
     with tempfile.TemporaryDirectory(prefix="mixer-job-") as tmp:
         request = job_request(spec, spec_path, package_working_dir(spec, tmp))
         with _translate_errors(address):
@@ -150,7 +148,7 @@ def submit(spec_path: str, address: str, overrides: list[str] | None = None, wor
 
 def follow(address: str, job_id: str, out: TextIO = sys.stdout) -> str:
     """Stream the job's logs until it ends; returns its final status (SUCCEEDED, FAILED or STOPPED)."""
-    client = connect(address)
+    client = client_for(address)
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -169,26 +167,26 @@ def follow(address: str, job_id: str, out: TextIO = sys.stdout) -> str:
 
 
 def list_jobs(address: str) -> list[Any]:
-    client = connect(address)
+    client = client_for(address)
     with _translate_errors(address):
         return sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
 
 
 def job_info(address: str, job_id: str) -> Any:
-    client = connect(address)
+    client = client_for(address)
     with _translate_errors(address), _unknown_job(job_id):
         return client.get_job_info(job_id)
 
 
 def job_logs(address: str, job_id: str) -> str:
-    client = connect(address)
+    client = client_for(address)
     with _translate_errors(address), _unknown_job(job_id):
         return client.get_job_logs(job_id)
 
 
 def stop(address: str, job_id: str, wait_s: float = 60.0) -> str:
     """Ask the job to stop and wait until it has; returns its final status."""
-    client = connect(address)
+    client = client_for(address)
     with _translate_errors(address), _unknown_job(job_id):
         client.stop_job(job_id)
         deadline = time.monotonic() + wait_s

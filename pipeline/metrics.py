@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from pipeline import storage
+from pipeline.errors import MixerError
 
 # Dense bf16 matrix rates (FLOP/s) by device name, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {
@@ -41,7 +42,7 @@ def mfu(images_per_s: float, train_flops_per_image: float, peak_per_device: floa
     return images_per_s * train_flops_per_image / (peak_per_device * devices)
 
 
-class MetricsError(ValueError):
+class MetricsError(MixerError):
     """A run whose metrics cannot be read; the message names the file and what to do."""
 
 
@@ -120,11 +121,3 @@ class MetricsLog:
             self.flush()
             if self._tb_remote:
                 shutil.rmtree(self._tb_local, ignore_errors=True)
-
-
-def format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    d, rem = divmod(seconds, 86400)
-    h, rem = divmod(rem, 3600)
-    m, s = divmod(rem, 60)
-    return f"{d}d{h:02d}h{m:02d}m" if d else f"{h:d}:{m:02d}:{s:02d}"

@@ -26,22 +26,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 from dataclasses import dataclass
 
 from pipeline import config as config_lib
 from pipeline import dataset_json, storage
 from pipeline.config import Spec
+from pipeline.data import batches_per_epoch
 from pipeline.dataset_json import DatasetInfo
+from pipeline.errors import MixerError
 from pipeline.model import VARIANTS, MixerConfig, count_params, num_tokens
+from pipeline.optim import total_steps
+from pipeline.units import format_duration, format_size
 
 GiB = 2**30
 NATIVE_IMAGE_SIZE = 224  # the resolution official and pre-training checkpoints are saved at
 TIGHT_FRACTION = 0.9
 
 
-class PlanError(ValueError):
+class EstimateError(MixerError):
     """A plan that cannot be made from what is known; the message says which option to add."""
 
 
@@ -73,7 +76,7 @@ class StageMemory:
 
 
 @dataclass
-class Plan:
+class ResourcePlan:
     spec_path: str
     variant: str
     image_size: int
@@ -154,33 +157,33 @@ def measured_images_per_s_per_gpu(run_url: str) -> float:
     try:
         records = read_records(run_url)
     except MetricsError as e:
-        raise PlanError(str(e)) from e
+        raise EstimateError(str(e)) from e
     speeds = [r["images_per_s"] for r in records if r.get("kind", "train") == "train" and r.get("images_per_s")]
     if not speeds:
-        raise PlanError(f"{run_url}/metrics.jsonl has no images_per_s yet; pass --images-per-sec instead")
+        raise EstimateError(f"{run_url}/metrics.jsonl has no images_per_s yet; pass --images-per-sec instead")
     saved = storage.join(run_url, "config.yaml")
     try:
         import yaml
 
         run_spec = config_lib.from_dict(yaml.safe_load(storage.read_bytes(saved)))
     except FileNotFoundError as e:
-        raise PlanError(f"{saved} does not exist: cannot tell how many GPUs measured that throughput") from e
+        raise EstimateError(f"{saved} does not exist: cannot tell how many GPUs measured that throughput") from e
     devices = run_spec.cluster.workers * max(run_spec.cluster.gpus_per_worker, 1)
     return statistics.median(speeds) / devices
 
 
-def make_plan(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib: float | None = None,
+def plan_resources(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib: float | None = None,
               images_per_s_per_gpu: float | None = None, train_samples: int | None = None,
-              num_classes: int | None = None) -> Plan:
+              num_classes: int | None = None) -> ResourcePlan:
     if gpus <= 0:
-        raise PlanError(f"--gpus must be positive, got {gpus}")
+        raise EstimateError(f"--gpus must be positive, got {gpus}")
     s = spec.schedule
     info, unreadable = None, ""
     if not (spec.model.num_classes or num_classes) or (s.total_steps is None and train_samples is None):
         info, unreadable = read_dataset(spec)
     classes = spec.model.num_classes or num_classes or (info.num_classes if info else None)
     if not classes:
-        raise PlanError(f"model.num_classes is not set and {unreadable}; pass --num-classes K")
+        raise EstimateError(f"model.num_classes is not set and {unreadable}; pass --num-classes K")
     cfg = model_config(spec)
     n = count_params(cfg, spec.model.image_size, classes)
     bpp = bytes_per_param(spec)
@@ -197,13 +200,14 @@ def make_plan(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib: flo
         if info and split is None:
             unreadable = f"{spec.data.dataset} has no split {spec.data.train_split!r}"
         samples = train_samples or (split.samples if split else None)
-        # As the trainer counts: whole global batches per epoch (the tail is dropped), epochs may be fractional.
-        steps = math.ceil(s.epochs * (samples // spec.batch.global_)) if samples else None
+        # As the trainer counts: whole global batches per epoch (the tails are dropped), epochs may be fractional.
+        per_epoch = batches_per_epoch(samples, spec.data.streams, spec.batch.global_) if samples else 0
+        steps = total_steps(spec, per_epoch) if samples else None
 
     # A DeepSpeed checkpoint holds the module weights (at the parameter dtype) and the optimizer shards (fp32 master
     # copy and state); the export is fp32 weights.
     checkpoint_bytes = n * (bpp.param + bpp.master + bpp.optim)
-    return Plan(
+    return ResourcePlan(
         spec_path=spec_path, variant=spec.model.variant, image_size=spec.model.image_size, num_classes=classes,
         num_params=n, gpus=gpus, micro_batch=spec.batch.micro, global_batch=spec.batch.global_,
         bytes_per_param=bpp, stages=stages[:3], this_spec=stages[3],
@@ -227,23 +231,7 @@ def _fit(total: float, gpu_memory_gib: float | None) -> str:
     return "fits"
 
 
-def format_duration(seconds: float) -> str:
-    days, rem = divmod(int(seconds), 86400)
-    hours, rem = divmod(rem, 3600)
-    minutes, secs = divmod(rem, 60)
-    if days:
-        return f"{days}d {hours}h {minutes}m"
-    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
-
-
-def format_size(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
-def render(plan: Plan, spec: Spec) -> str:
+def render(plan: ResourcePlan, spec: Spec) -> str:
     b = plan.bytes_per_param
     dtype = "bf16" if spec.deepspeed.bf16 else "fp32"
     state = "Adam m,v" if spec.optim.name == "adam" else "SGD momentum"
@@ -296,7 +284,7 @@ def render(plan: Plan, spec: Spec) -> str:
     return "\n".join(lines)
 
 
-def to_json(plan: Plan) -> str:
+def to_json(plan: ResourcePlan) -> str:
     d = dataclasses.asdict(plan)
     d["wall_time_s"] = plan.wall_time_s
     return json.dumps(d, indent=2)

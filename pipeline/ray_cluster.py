@@ -7,7 +7,7 @@ import os
 import ray
 
 
-def connect(address: str | None = None, **init_kwargs) -> None:
+def init_ray(address: str | None = None, **init_kwargs) -> None:
     """Connect this process to Ray once: to `address`, or to RAY_ADDRESS (set inside a Ray job), else to a new
     in-process Ray bound to 127.0.0.1 (never to another cluster that happens to run on this machine)."""
     if ray.is_initialized():

@@ -6,6 +6,7 @@ from specs, so that worker processes started by Ray or torchrun see the same obj
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -82,24 +83,32 @@ def sha256_of(url: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+@contextlib.contextmanager
+def _staged(path: str) -> Iterator[str]:
+    """A temporary local name next to `path` for the block to write; renamed onto `path` once the block is done
+    and the bytes are on disk, removed if it fails."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Make `data` visible at `url` all at once. Local files go through a temporary name in the same folder and a
     rename; an object store publishes an object only when its upload completes, so a plain put is already atomic."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            _publish(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with _staged(path) as tmp, open(tmp, "wb") as f:
+            f.write(data)
     else:
         fs.pipe_file(path, data)
 
@@ -112,18 +121,7 @@ def put_file_atomic(local_path: str, url: str) -> None:
     """Copy a local file to `url`, visible only once complete."""
     fs, path = filesystem(url)
     if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-        os.close(fd)
-        try:
+        with _staged(path) as tmp:
             fs.put_file(local_path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            _publish(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     else:
         fs.put_file(local_path, path)

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from pipeline import config, launch
+from pipeline import config, run
 from pipeline.config import SpecError
 
 EXAMPLE = textwrap.dedent("""
@@ -75,5 +75,5 @@ def test_bad_specs_name_the_key_and_what_to_change(example, override, message):
 def test_a_dataset_without_dataset_json_fails_before_workers_start(example, tmp_path):
     spec = config.load(example, [f"data.dataset={tmp_path / 'nothing-here'}", f"run.url={tmp_path / 'run'}"])
     with pytest.raises(SpecError) as err:
-        launch.preflight(spec)
+        run.preflight(spec)
     assert "dataset.json does not exist" in str(err.value) and "mixer prepare" in str(err.value)

@@ -264,5 +264,5 @@ def test_import_weights_command(npz_path, images, tmp_path, capsys):
     assert model.num_classes == 3 and model.gelu == "tanh"
     torch.testing.assert_close(model.stem.weight, convert.from_npz(npz_path).stem.weight)
 
-    assert main(["import-weights", str(tmp_path / "missing.npz"), out]) == 1
+    assert main(["import-weights", str(tmp_path / "missing.npz"), out]) == 2
     assert "missing.npz" in capsys.readouterr().err

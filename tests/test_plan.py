@@ -24,7 +24,7 @@ GIB = 2**30
 
 def test_h14_on_64_gpus_memory_terms_are_exact(capsys):
     spec = config.load(H14)
-    p = plan.make_plan(spec, 64, train_samples=300_000_000, num_classes=JFT_CLASSES, gpu_memory_gib=80)
+    p = plan.plan_resources(spec, 64, train_samples=300_000_000, num_classes=JFT_CLASSES, gpu_memory_gib=80)
     assert p.num_params == H14_PARAMS
     zero1, zero2, zero3 = p.stages
     # bf16 parameter 2 + bf16 gradient 2 bytes; fp32 master 4 + Adam m, v 8 bytes
@@ -36,7 +36,7 @@ def test_h14_on_64_gpus_memory_terms_are_exact(capsys):
     assert zero3.optimizer == H14_PARAMS * 12 / 64
     # activations: the same for every stage, far less with checkpointing, and linear in the micro batch
     assert zero1.activations == zero3.activations > 5 * zero1.activations_checkpointed
-    half = plan.make_plan(config.load(H14, ["batch.micro=32"]), 64, train_samples=10**6, num_classes=JFT_CLASSES)
+    half = plan.plan_resources(config.load(H14, ["batch.micro=32"]), 64, train_samples=10**6, num_classes=JFT_CLASSES)
     assert half.stages[0].activations == pytest.approx(zero1.activations / 2, rel=1e-9)
     # steps: 14 epochs of whole global batches
     assert p.steps == 14 * (300_000_000 // 4096)
@@ -90,14 +90,14 @@ def test_what_does_not_fit_is_flagged(capsys):
 
 def test_fp32_sgd_and_offload_bytes():
     spec = config.load(JOBS / "quickstart.yaml", ["optim.name=sgd"])
-    p = plan.make_plan(spec, 2, num_classes=10)
+    p = plan.plan_resources(spec, 2, num_classes=10)
     n = p.num_params
     assert (p.bytes_per_param.param, p.bytes_per_param.grad, p.bytes_per_param.master, p.bytes_per_param.optim) == \
         (4, 4, 4, 4)
     assert p.stages[0].optimizer == n * (4 + 4) / 2  # ZeRO keeps an fp32 copy even of fp32 parameters
-    no_zero = plan.make_plan(config.load(JOBS / "quickstart.yaml", ["deepspeed.zero_stage=0"]), 2, num_classes=10)
+    no_zero = plan.plan_resources(config.load(JOBS / "quickstart.yaml", ["deepspeed.zero_stage=0"]), 2, num_classes=10)
     assert no_zero.this_spec.optimizer == n * 8 and no_zero.this_spec.params == n * 4  # Adam on the model's own
-    offload = plan.make_plan(config.load(H14, ["deepspeed.offload_optimizer=true"]), 8, train_samples=10**6,
+    offload = plan.plan_resources(config.load(H14, ["deepspeed.offload_optimizer=true"]), 8, train_samples=10**6,
                              num_classes=JFT_CLASSES)
     assert all(st.optimizer == 0 for st in offload.stages)
 
@@ -108,7 +108,7 @@ def test_steps_from_a_reachable_dataset_and_time_from_a_run(tmp_path, capsys):
     dataset_json.save(DatasetInfo(url=ds, classes=[f"c{i}" for i in range(7)], multi_label=False,
                                   splits={"train": Split(shards)}))
     spec = config.load(JOBS / "mixer_b16_i21k.yaml", [f"data.dataset={ds}"])
-    p = plan.make_plan(spec, 32)
+    p = plan.plan_resources(spec, 32)
     assert p.num_classes == 7 and p.train_samples == 10_000 and p.steps == 300 * (10_000 // 4096)
 
     run = tmp_path / "run"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from pipeline import config, launch, storage
+from pipeline import config, run, storage
 from pipeline.checkpoint import CheckpointStore
-from tests.test_train import read_metrics, tiny_spec
+from tests.test_train import read_metrics, run_training, tiny_spec
 
 STEPS, HALF = 40, 20
 
@@ -35,7 +35,7 @@ def unbroken(sample_dataset, ray_cluster, s3_endpoint) -> str:
 
     boto3.client("s3").create_bucket(Bucket="resume-runs")
     url = "s3://resume-runs/unbroken"
-    launch.run(spec_for(sample_dataset, url))
+    run_training(spec_for(sample_dataset, url))
     return url
 
 
@@ -43,7 +43,7 @@ def unbroken(sample_dataset, ray_cluster, s3_endpoint) -> str:
 def stopped(sample_dataset, unbroken) -> str:
     """A run stopped (as if preempted) after HALF steps, checkpointed to S3."""
     url = "s3://resume-runs/stopped"
-    launch.run(spec_for(sample_dataset, url, run__stop_after=HALF))
+    run_training(spec_for(sample_dataset, url, run__stop_after=HALF))
     store = CheckpointStore(storage.join(url, "checkpoints"))
     assert store.latest() == HALF
     return url
@@ -57,7 +57,7 @@ def copy_run(src: str, dst: str) -> str:
 
 def test_stop_and_resume_equals_the_unbroken_run_bitwise(sample_dataset, unbroken, stopped):
     url = copy_run(stopped, "s3://resume-runs/resumed")
-    launch.run(spec_for(sample_dataset, url))  # the same command: resumes on its own
+    run_training(spec_for(sample_dataset, url))  # the same command: resumes on its own
     straight, resumed = losses(unbroken), losses(url)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     assert resumed == straight  # identical per-step losses, before and after the stop
@@ -67,7 +67,7 @@ def test_stop_and_resume_equals_the_unbroken_run_bitwise(sample_dataset, unbroke
 
 def test_resume_on_one_worker_matches_within_1e5(sample_dataset, unbroken, stopped):
     url = copy_run(stopped, "s3://resume-runs/one-worker")
-    launch.run(spec_for(sample_dataset, url, cluster__workers=1))
+    run_training(spec_for(sample_dataset, url, cluster__workers=1))
     straight, resumed = losses(unbroken), losses(url)
     for step in range(HALF + 1, STEPS + 1):
         assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
@@ -102,7 +102,7 @@ def test_a_worker_killed_mid_run_restarts_resumes_and_ends_identical(sample_data
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    launch.run(spec)
+    run_training(spec)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     assert killed[0] < STEPS, "the worker died after training had finished: nothing was resumed"
@@ -113,10 +113,10 @@ def test_a_worker_killed_mid_run_restarts_resumes_and_ends_identical(sample_data
 
 def test_no_resume_and_a_changed_spec_are_refused_before_start(sample_dataset, unbroken):
     with pytest.raises(config.SpecError, match="already holds checkpoints .* --no-resume"):
-        launch.preflight(spec_for(sample_dataset, unbroken), resume=False)
-    with pytest.raises(config.SpecError, match="was started with a different spec"):
-        launch.preflight(spec_for(sample_dataset, unbroken, optim__lr=1e-3))
-    launch.preflight(spec_for(sample_dataset, unbroken, cluster__workers=1))  # another world size is fine
+        run.preflight(spec_for(sample_dataset, unbroken), resume=False)
+    with pytest.raises(config.SpecError, match="was written by a different spec"):
+        run.preflight(spec_for(sample_dataset, unbroken, optim__lr=1e-3))
+    run.preflight(spec_for(sample_dataset, unbroken, cluster__workers=1))  # another world size is fine
 
 
 def test_the_same_trainer_under_torchrun_gives_the_same_run(sample_dataset, unbroken, tmp_path):

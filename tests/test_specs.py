@@ -79,11 +79,10 @@ def test_trainer_applies_weight_decay_decoupled_and_scaled_by_lr():
     current lr) on kernels only."""
     import torch
 
-    from pipeline.train import deepspeed_config, make_plan, param_groups
+    from pipeline.optim import deepspeed_config, param_groups, step_shape
 
     spec = config.load(JOBS / "mixer_b16_i21k.yaml")
-    info = type("Info", (), {"multi_label": False, "num_classes": 10})()
-    ds = deepspeed_config(spec, make_plan(spec, info, 32, 100), 32, on_gpu=True)
+    ds = deepspeed_config(spec, step_shape(spec, 32, 100), on_gpu=True)
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["weight_decay"] == 0.1
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     decay, no_decay = param_groups(net, spec.optim.weight_decay)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import config, launch, storage
+from pipeline import config, launch, run, storage
 from pipeline.metrics import read_records
 
 
@@ -34,6 +34,11 @@ def tiny_spec(dataset: str, run_url: str, **overrides) -> config.Spec:
     return config.from_dict(raw)
 
 
+def run_training(spec: config.Spec) -> None:
+    """What `mixer train` does: resolve the spec for the run, then train it on Ray Train workers."""
+    launch.run(run.resolve(spec))
+
+
 def read_metrics(run_url: str) -> tuple[list[dict], list[dict]]:
     lines = read_records(run_url)
     return [x for x in lines if x["kind"] == "train"], [x for x in lines if x["kind"] == "eval"]
@@ -45,7 +50,7 @@ def read_metrics(run_url: str) -> tuple[list[dict], list[dict]]:
 def test_two_workers_learn_with_each_zero_stage(stage, bf16, sample_dataset, ray_cluster, tmp_path):
     run_url = str(tmp_path / "run")
     spec = tiny_spec(sample_dataset, run_url, deepspeed__zero_stage=stage, deepspeed__bf16=bf16, model__compile=bf16)
-    launch.run(spec)
+    run_training(spec)
     train, evals = read_metrics(run_url)
     assert [x["step"] for x in train] == list(range(1, 61))
     start = train[0]["loss"]
@@ -66,7 +71,7 @@ def test_multilabel_dataset_trains_with_sigmoid_and_reports_precision_at_1(sampl
                                                                            tmp_path):
     run_url = str(tmp_path / "run")
     spec = tiny_spec(sample_multilabel_dataset, run_url, loss="sigmoid", model__head_bias=-2.0)
-    launch.run(spec)
+    run_training(spec)
     train, evals = read_metrics(run_url)
     assert train[-1]["loss"] < 0.7 * train[0]["loss"]
     assert "prec1" in evals[-1] and evals[-1]["prec1"] > 0.4, evals[-1]
@@ -75,4 +80,4 @@ def test_multilabel_dataset_trains_with_sigmoid_and_reports_precision_at_1(sampl
 def test_a_multilabel_dataset_with_softmax_is_refused_before_start(sample_multilabel_dataset, tmp_path):
     spec = tiny_spec(sample_multilabel_dataset, str(tmp_path / "run"))
     with pytest.raises(config.SpecError, match="multi-label datasets need `loss: sigmoid`"):
-        launch.preflight(spec)
+        run.preflight(spec)

@@ -31,12 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=EXPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("src", help="run URL (its newest committed step) or a step folder URL")
     e.add_argument("out", help="file or URL to write")
-    e.add_argument("--format", choices=("safetensors", "timm", "npz"), default="safetensors")
+    e.add_argument("--format", choices=("safetensors", "timm", "npz"), default="safetensors",
+                   help="safetensors (with the model config), timm (.pth state dict) or npz (official layout)")
     e.set_defaults(func=run_export)
 
 
 def run_list(args: argparse.Namespace) -> int:
     from pipeline.checkpoint import CheckpointStore
+    from pipeline.units import format_size
 
     store = CheckpointStore(args.run)
     infos = store.list(verify=args.verify)
@@ -46,7 +48,8 @@ def run_list(args: argparse.Namespace) -> int:
     print(f"{'step':>10}  {'time':<20}  {'size':>10}  {'world':>5}  {'zero':>4}  verified")
     for i in infos:
         verified = "-" if i.verified is None else "yes" if i.verified else "NO"
-        print(f"{i.step:>10}  {i.time:<20}  {_size(i.bytes):>10}  {i.world_size:>5}  {i.zero_stage:>4}  {verified}")
+        print(f"{i.step:>10}  {i.time:<20}  {format_size(i.bytes):>10}  {i.world_size:>5}  {i.zero_stage:>4}  "
+              f"{verified}")
     bad = [i.step for i in infos if i.verified is False]
     if bad:
         print(f"steps {bad} do not match their manifests: do not resume from them", file=sys.stderr)
@@ -55,18 +58,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pipeline.checkpoint import CheckpointError, export
+    from pipeline.convert import export_weights
 
-    try:
-        print(export(args.src, args.out, format=args.format))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    print(export_weights(args.src, args.out, format=args.format))
     return 0
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"

@@ -7,8 +7,6 @@ import datetime
 import json
 import sys
 
-from pipeline.commands import fail
-
 SUBMIT_EPILOG = """\
 examples:
   mixer submit jobs/mixer_b16_i21k.yaml --address http://HEAD:8265 --follow
@@ -64,19 +62,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_submit(args: argparse.Namespace) -> int:
     from pipeline import jobs
-    from pipeline.config import SpecError
 
-    try:
-        job_id = jobs.submit(args.spec, args.address, args.overrides, args.workers)
-    except (SpecError, jobs.JobsError) as e:
-        return fail(e)
+    job_id = jobs.submit(args.spec, args.address, args.overrides, args.workers)
     if not args.follow:
         print(f"follow it with: mixer jobs logs {job_id} --follow --address {args.address}")
         return 0
     try:
         status = jobs.follow(args.address, job_id)
-    except jobs.JobsError as e:
-        return fail(e)
     except KeyboardInterrupt:
         print(f"\nstopped following; the job runs on. Stop it with: mixer jobs stop {job_id} --address "
               f"{args.address}", file=sys.stderr)
@@ -94,10 +86,7 @@ def _time(ms: int | None) -> str:
 def run_jobs_list(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    try:
-        found = jobs.list_jobs(args.address)
-    except jobs.JobsError as e:
-        return fail(e)
+    found = jobs.list_jobs(args.address)
     print(f"{'job':<44}  {'status':<10}  {'started':<19}  {'spec':<32}  run")
     for job in found:
         meta = job.metadata or {}
@@ -110,10 +99,7 @@ def run_jobs_list(args: argparse.Namespace) -> int:
 def run_jobs_status(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    try:
-        info = jobs.job_info(args.address, args.job_id)
-    except jobs.JobsError as e:
-        return fail(e)
+    info = jobs.job_info(args.address, args.job_id)
     print(f"job {args.job_id}: {info.status.value}")
     print(f"  started   {_time(info.start_time)}")
     print(f"  ended     {_time(info.end_time)}")
@@ -126,24 +112,18 @@ def run_jobs_status(args: argparse.Namespace) -> int:
 def run_jobs_logs(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    try:
-        if args.follow:
-            status = jobs.follow(args.address, args.job_id)
-            print(f"job {args.job_id}: {status}")
-            return 0 if status == "SUCCEEDED" else 1
-        print(jobs.job_logs(args.address, args.job_id), end="")
-    except jobs.JobsError as e:
-        return fail(e)
+    if args.follow:
+        status = jobs.follow(args.address, args.job_id)
+        print(f"job {args.job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    print(jobs.job_logs(args.address, args.job_id), end="")
     return 0
 
 
 def run_jobs_stop(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    try:
-        status = jobs.stop(args.address, args.job_id)
-    except jobs.JobsError as e:
-        return fail(e)
+    status = jobs.stop(args.address, args.job_id)
     print(f"job {args.job_id}: {status}")
     return 0 if status == "STOPPED" else 1
 

@@ -4,7 +4,6 @@ to our safetensors)."""
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,13 +58,9 @@ def import_weights(args: argparse.Namespace) -> int:
     from pipeline.model import num_tokens, variant_name
 
     kwargs = {"gelu": args.gelu} if args.gelu else {}
-    try:
-        kind = weights_format(args.src)
-        model = load_weights(args.src, num_classes=args.num_classes, image_size=args.image_size, **kwargs)
-        save_safetensors(model, args.out, metadata={"source": args.src})
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    kind = weights_format(args.src)
+    model = load_weights(args.src, num_classes=args.num_classes, image_size=args.image_size, **kwargs)
+    save_safetensors(model, args.out, metadata={"source": args.src})
     cfg = model.config
     name = variant_name(cfg) or "custom"
     print(f"read {args.src} ({kind}): Mixer {name} (patch {cfg.patch_size}, hidden {cfg.hidden_dim}, "

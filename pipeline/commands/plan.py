@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands import fail
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="memory per GPU (ZeRO 1/2/3), steps, checkpoint size and time for a spec",
@@ -31,17 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     from pipeline import config, plan
-    from pipeline.config import SpecError
 
-    try:
-        spec = config.load(args.spec, args.overrides)
-        speed = args.images_per_sec
-        if args.from_run:
-            speed = plan.measured_images_per_s_per_gpu(args.from_run)
-        result = plan.make_plan(spec, args.gpus, spec_path=args.spec, gpu_memory_gib=args.gpu_memory,
-                                images_per_s_per_gpu=speed, train_samples=args.train_samples,
-                                num_classes=args.num_classes)
-    except (SpecError, plan.PlanError) as e:
-        return fail(e)
+    spec = config.load(args.spec, args.overrides)
+    speed = args.images_per_sec
+    if args.from_run:
+        speed = plan.measured_images_per_s_per_gpu(args.from_run)
+    result = plan.plan_resources(spec, args.gpus, spec_path=args.spec, gpu_memory_gib=args.gpu_memory,
+                                 images_per_s_per_gpu=speed, train_samples=args.train_samples,
+                                 num_classes=args.num_classes)
     print(plan.to_json(result) if args.json else plan.render(result, spec))
     return 0

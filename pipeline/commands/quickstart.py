@@ -7,6 +7,7 @@ import os
 import time
 
 from pipeline import storage
+from pipeline.errors import MixerError
 
 SPEC = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "quickstart.yaml")
 
@@ -23,13 +24,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _step(title: str) -> float:
+def _step(title: str) -> None:
     print(f"\n=== {title}", flush=True)
-    return time.perf_counter()
+
+
+def _mixer(*argv: str) -> None:
+    """Run one `mixer` command as a user would type it; a non-zero exit stops the quickstart."""
+    from pipeline.commands import checkpoints, data, plot, train
+
+    parser = argparse.ArgumentParser(prog="mixer")
+    sub = parser.add_subparsers()
+    for group in (data, train, checkpoints, plot):
+        group.register(sub)
+    args = parser.parse_args(argv)
+    print(f"$ mixer {' '.join(argv)}", flush=True)
+    status = args.func(args)
+    if status:
+        raise QuickstartError(f"`mixer {' '.join(argv)}` exited with status {status}; see its output above")
+
+
+class QuickstartError(MixerError):
+    """A step of the quickstart that did not succeed."""
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.cli import main
+    from pipeline import config
+    from pipeline.checkpoint import CheckpointStore
 
     out = args.out.rstrip("/")
     raw, dataset, run_url = f"{out}/raw", f"{out}/dataset", f"{out}/run"
@@ -38,43 +58,33 @@ def run(args: argparse.Namespace) -> int:
     overrides = [f"data.dataset={dataset}", f"run.url={run_url}"]
     if args.steps:
         overrides.append(f"schedule.total_steps={args.steps}")
-    from pipeline import config
-
+    sets = [arg for o in overrides for arg in ("--set", o)]
     spec = config.load(args.spec, overrides)
     half = spec.schedule.total_steps // 2
     t0 = time.perf_counter()
 
     _step("1/7 generate a small image collection (10 classes, a few bad files)")
-    if main(["make-sample-data", raw, "--layout", "imagefolder", "--classes", "10", "--per-class", "60",
-             "--bad", "4", "--seed", "0"]):
-        return 1
+    _mixer("make-sample-data", raw, "--layout", "imagefolder", "--classes", "10", "--per-class", "60", "--bad", "4",
+           "--seed", "0")
     _step("2/7 prepare WebDataset shards with Ray, then verify them")
-    if main(["prepare", raw, dataset, "--max-size", "48", "--shard-size", "25", "--val-per-class", "8"]):
-        return 1
-    if main(["verify", dataset]):
-        return 1
+    _mixer("prepare", raw, dataset, "--max-size", "48", "--shard-size", "25", "--val-per-class", "8")
+    _mixer("verify", dataset)
     _step(f"3/7 train {spec.model.variant} on {spec.cluster.workers} ZeRO-{spec.deepspeed.zero_stage} workers, "
           f"stopping after step {half} as a preemption would")
-    if main(["train", args.spec, *sum((["--set", o] for o in overrides), []), "--set", f"run.stop_after={half}"]):
-        return 1
+    _mixer("train", args.spec, *sets, "--set", f"run.stop_after={half}")
     _step("4/7 run the same command again: it resumes from the newest checkpoint and finishes")
-    if main(["train", args.spec, *sum((["--set", o] for o in overrides), [])]):
-        return 1
+    _mixer("train", args.spec, *sets)
     _step("5/7 checkpoints and evaluation")
-    main(["checkpoints", "list", run_url])
-    if main(["eval", args.spec, "--checkpoint", run_url, *sum((["--set", o] for o in overrides), [])]):
-        return 1
+    _mixer("checkpoints", "list", run_url)
+    _mixer("eval", args.spec, "--checkpoint", run_url, *sets)
     _step("6/7 export the weights")
     export = f"{out}/mixer_quickstart.safetensors"
-    if main(["export", run_url, export, "--format", "safetensors"]):
-        return 1
+    _mixer("export", run_url, export, "--format", "safetensors")
     _step("7/7 plot the run")
     plot = f"{run_url}/plots/metrics.png"
-    if main(["plot", run_url, "--out", plot]):
-        return 1
-    from pipeline.checkpoint import CheckpointStore
+    _mixer("plot", run_url, "--out", plot)
 
-    latest = CheckpointStore(storage.join(run_url, "checkpoints")).list()[-1]
+    latest = CheckpointStore(run_url).list()[-1]
     print(f"\nquickstart finished in {time.perf_counter() - t0:.0f} s")
     print(f"  dataset      {dataset}  (dataset.json, shards, rejected.jsonl)")
     print(f"  run folder   {run_url}  (config.yaml, metrics.jsonl, tensorboard/)")

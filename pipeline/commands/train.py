@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 TRAIN_EPILOG = """\
 examples:
@@ -46,28 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from pipeline import launch
-    from pipeline.config import SpecError
+    from pipeline import launch, run
 
-    try:
-        spec = launch.resolve(args.spec, args.overrides, args.workers)
-        launch.run(spec, ray_address=args.ray_address, resume=not args.no_resume, resume_from=args.resume_from)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    spec = run.resolve(run.load_spec(args.spec, args.overrides, args.workers), resume=not args.no_resume,
+                       resume_from=args.resume_from)
+    launch.run(spec, ray_address=args.ray_address, resume_from=args.resume_from)
     print(f"run folder: {spec.run.url}")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pipeline.config import SpecError, load
-    from pipeline.train import evaluate_weights
+    from pipeline.config import load
+    from pipeline.evaluate import evaluate_weights
 
-    try:
-        spec = load(args.spec, args.overrides)
-    except SpecError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = evaluate_weights(spec, args.checkpoint, split=args.split)
+    result = evaluate_weights(load(args.spec, args.overrides), args.checkpoint, split=args.split)
     print(json.dumps(result, indent=2))
     return 0

@@ -1,0 +1,70 @@
+"""The DeepSpeed calls that reach past its public API, in one place. Checked against DeepSpeed 0.19.8.
+
+Each function names what it relies on, so that a DeepSpeed upgrade is checked here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+DEEPSPEED_VERSION_CHECKED = "0.19.8"
+
+
+def universal_info_client_state() -> dict[str, Any]:
+    """The client-state entry `ds_to_universal` requires before it converts a checkpoint. For a plain model (no
+    tensor or pipeline parallelism) an empty record is enough."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {}}
+
+
+def load_checkpoint(engine: Any, root: str, tag: str, universal: bool) -> str | None:
+    """`engine.load_checkpoint` of `root/tag`, optimizer and scheduler included; returns the path DeepSpeed loaded,
+    or None when it found nothing.
+
+    Relies on `engine._config.load_universal_checkpoint`, which DeepSpeed reads at load time only: switching it
+    for this one load lets a run read a universal checkpoint without fixing that mode at initialize()."""
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = universal
+    try:
+        path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        engine._config.load_universal_checkpoint = previous
+    return path
+
+
+def to_universal(src: str, out: str) -> None:
+    """Convert the DeepSpeed checkpoint folder `src` (one tag) into a universal checkpoint at `out`.
+
+    Relies on `ds_to_universal.main` taking the argparse namespace of its own command line."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    # One worker: the converter's process pools do not mix with the threads of a running training process.
+    args = argparse.Namespace(input_folder=src, output_folder=out, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=False)
+    ds_to_universal.main(args)
+
+
+def fp32_state_dict(root: str, tag: str, zero_stage: int) -> dict[str, Any]:
+    """The full fp32 weights of the checkpoint `root/tag`, gathered from its ZeRO shards (stage 0: the module's own
+    state dict). DeepSpeed's files are pickles: only a trusted run folder may be read this way."""
+    import torch
+
+    if zero_stage == 0:
+        return torch.load(os.path.join(root, tag, "mp_rank_00_model_states.pt"), map_location="cpu",
+                          weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(root, tag=tag)
+
+
+def use_gloo_allreduce_on_cpu() -> None:
+    """On CPU, DeepSpeed JIT-builds a shared-memory all-reduce the first time it starts (over a minute), and again
+    whenever another process left a differently built copy in the shared cache; gloo's own all-reduce serves.
+
+    Relies on `deepspeed.ops.__compatible_ops__`, the table DeepSpeed's CPU accelerator consults."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
