@@ -16,7 +16,7 @@ the three journeys:
   prepare   mixer make-sample-data raw/ --layout imagefolder --classes 10 --per-class 50
             mixer prepare raw/ s3://bucket/ds --shard-size 1000 && mixer verify s3://bucket/ds
   train     mixer train jobs/quickstart.yaml --set run.url=out/run     (resumes automatically)
-  submit    mixer submit jobs/mixer_b16_i21k.yaml --address http://HEAD:8265
+  submit    mixer submit jobs/mixer_b16_i21k.yaml --address http://127.0.0.1:8265   (via `ray dashboard` or https)
 
 run `mixer COMMAND --help` for each command's options.
 """

@@ -6,13 +6,16 @@ cluster. Credentials never travel with a job: the spec holds none, and the runti
 variable; the cluster's own environment or instance role provides them.
 
 Ray 2.60 protects the Jobs API with a token. It is read, as Ray's own clients do, from RAY_AUTH_TOKEN, then the file
-named by RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token, and sent as a bearer header.
+named by RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token, and sent as a bearer header. A bearer header is only as private
+as the connection that carries it, so plain http:// is refused unless the dashboard is on this machine (loopback, which
+is also where an SSH tunnel or `kubectl port-forward` ends) or the user passes --insecure (`check_transport`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import secrets
 import shutil
@@ -22,6 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from pipeline import run
 from pipeline.config import Spec
@@ -63,6 +67,54 @@ def token_message(address: str) -> str:
     )
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` names this machine without a network in between: `localhost`, 127.0.0.0/8 or ::1. No name is
+    resolved: a host name that happens to resolve to loopback still counts as remote, the safe side."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone (%eth0) is not part of the address
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is IPv4 loopback written as IPv6
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def insecure_transport_message(address: str, host: str | None) -> str:
+    return (
+        f"refusing to send the cluster token to {address} over plain http: {host or 'that host'} is not this "
+        "machine, and without TLS anyone on the network path can read the token (which lets whoever holds it run "
+        "code on the cluster) and change what is sent. Reach the dashboard one of these ways:\n"
+        "  https://HEAD:8265                         the dashboard behind TLS (a proxy that terminates https)\n"
+        "  ray dashboard infra/aws/cluster.yaml &    an SSH tunnel to the head, then --address http://127.0.0.1:8265\n"
+        "  ssh -N -L 8265:127.0.0.1:8265 HEAD &      the same tunnel by hand, then --address http://127.0.0.1:8265\n"
+        "  kubectl port-forward svc/mixer-pretrain-head-svc 8265:8265 &   (KubeRay), then "
+        "--address http://127.0.0.1:8265\n"
+        "or, only on a network you trust end to end, pass --insecure to send it anyway."
+    )
+
+
+def check_transport(address: str, insecure: bool = False) -> None:
+    """Refuse a Jobs API address that would carry the token in the clear to another machine.
+
+    Checked for every plain-http address, with or without a token found here: Ray's client attaches a token of its
+    own finding, and without TLS the uploaded job (code the cluster runs with its cloud role) can be altered on the
+    way as well. Runs before any connection is made, so nothing has been sent when it refuses."""
+    try:
+        # Ray reads an address without a scheme as http://.
+        parts = urlsplit(address if "://" in address else f"http://{address}")
+        scheme, host = parts.scheme.lower(), parts.hostname
+    except ValueError as e:
+        raise JobsError(f"--address {address}: not a URL ({e}); expected http(s)://HEAD:8265") from e
+    if scheme not in ("http", "https"):
+        raise JobsError(f"--address {address}: expected the head's dashboard URL, http(s)://HEAD:8265 (a ray:// "
+                        "address is Ray Client's, which mixer does not use)")
+    if scheme == "http" and not insecure and not is_loopback(host):
+        raise JobsError(insecure_transport_message(address, host))
+
+
 @contextlib.contextmanager
 def _translate_errors(address: str) -> Iterator[None]:
     from ray.exceptions import AuthenticationError
@@ -73,15 +125,20 @@ def _translate_errors(address: str) -> Iterator[None]:
         raise JobsError(token_message(address)) from e
     except ConnectionError as e:
         raise JobsError(f"cannot reach the Ray dashboard at {address} ({e}); check --address (the head's "
-                        "dashboard, usually http://HEAD:8265) and that the head is running") from e
+                        "dashboard: http://127.0.0.1:8265 through `ray dashboard` or `kubectl port-forward`, or "
+                        "https://HEAD:8265) and that the head, and the tunnel if any, are running") from e
 
 
-def client_for(address: str) -> Any:
-    """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265), authenticated with the token."""
+def client_for(address: str, insecure: bool = False) -> Any:
+    """A JobSubmissionClient for the dashboard at `address` (http://HEAD:8265), authenticated with the token.
+    `insecure` allows plain http to another machine (see check_transport)."""
     from ray.job_submission import JobSubmissionClient
 
     if not address:
-        raise JobsError("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
+        raise JobsError("no cluster address: pass --address (http://127.0.0.1:8265 through a tunnel to the head, "
+                        "or https://HEAD:8265) or set RAY_API_SERVER_ADDRESS")
+    # Before the client exists: its constructor already sends the token (it asks the head for its version).
+    check_transport(address, insecure)
     token, _ = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is given; the explicit one must win.
@@ -126,14 +183,14 @@ def job_request(spec: Spec, spec_path: str, working_dir: str) -> dict[str, Any]:
 
 
 def submit(spec_path: str, address: str, overrides: list[str] | None = None, workers: int | None = None,
-           out: TextIO = sys.stdout) -> str:
+           out: TextIO = sys.stdout, insecure: bool = False) -> str:
     """Validate the spec here, then submit it as a Ray job; returns the job's submission id. The cluster side runs
     `mixer train`, which resolves the spec for the run (pipeline/run.py) before any worker starts."""
     spec, changed = run.absolute_paths(run.load_spec(spec_path, overrides, workers))
     if changed:
         print(f"note: {', '.join(changed)} made absolute; local paths only work on a cluster that shares this "
               "filesystem (use s3:// URLs on a real cluster)", file=out)
-    client = client_for(address)
+    client = client_for(address, insecure)
     with tempfile.TemporaryDirectory(prefix="mixer-job-") as tmp:
         request = job_request(spec, spec_path, package_working_dir(spec, tmp))
         with _translate_errors(address):
@@ -146,9 +203,9 @@ def submit(spec_path: str, address: str, overrides: list[str] | None = None, wor
     return job_id
 
 
-def follow(address: str, job_id: str, out: TextIO = sys.stdout) -> str:
+def follow(address: str, job_id: str, out: TextIO = sys.stdout, insecure: bool = False) -> str:
     """Stream the job's logs until it ends; returns its final status (SUCCEEDED, FAILED or STOPPED)."""
-    client = client_for(address)
+    client = client_for(address, insecure)
 
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -166,27 +223,27 @@ def follow(address: str, job_id: str, out: TextIO = sys.stdout) -> str:
     return status
 
 
-def list_jobs(address: str) -> list[Any]:
-    client = client_for(address)
+def list_jobs(address: str, insecure: bool = False) -> list[Any]:
+    client = client_for(address, insecure)
     with _translate_errors(address):
         return sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
 
 
-def job_info(address: str, job_id: str) -> Any:
-    client = client_for(address)
+def job_info(address: str, job_id: str, insecure: bool = False) -> Any:
+    client = client_for(address, insecure)
     with _translate_errors(address), _unknown_job(job_id):
         return client.get_job_info(job_id)
 
 
-def job_logs(address: str, job_id: str) -> str:
-    client = client_for(address)
+def job_logs(address: str, job_id: str, insecure: bool = False) -> str:
+    client = client_for(address, insecure)
     with _translate_errors(address), _unknown_job(job_id):
         return client.get_job_logs(job_id)
 
 
-def stop(address: str, job_id: str, wait_s: float = 60.0) -> str:
+def stop(address: str, job_id: str, wait_s: float = 60.0, insecure: bool = False) -> str:
     """Ask the job to stop and wait until it has; returns its final status."""
-    client = client_for(address)
+    client = client_for(address, insecure)
     with _translate_errors(address), _unknown_job(job_id):
         client.stop_job(job_id)
         deadline = time.monotonic() + wait_s

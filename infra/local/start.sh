@@ -12,6 +12,11 @@
 # credentials there, never in what is submitted. A bucket named $S3_BUCKET (default: mixer) is created.
 # Settings (environment): RAY_PORT 6379, RAY_DASHBOARD_PORT 8265, RAY_CLIENT_PORT 10001, RAY_AGENT_PORT 52365,
 # S3_PORT 9000, S3_BUCKET mixer, NUM_CPUS (default: all), RAY_AUTH_TOKEN (default: a new random token).
+#
+# Security, for operators: everything listens on 127.0.0.1 only, so only this machine reaches it (`mixer` sends
+# the token over plain http only to loopback, unless --insecure). The token never appears on a command line, which
+# every user of the machine can read in `ps`: processes get it through their environment (readable by this user
+# only), and the env file that holds it for you is created mode 600. Anyone who can act as this user can read it.
 set -euo pipefail
 
 STATE_DIR=$(mkdir -p "${1:-out/local}" && cd "${1:-out/local}" && pwd)
@@ -43,18 +48,20 @@ if alive "$STATE_DIR/ray.pid" || alive "$STATE_DIR/moto.pid"; then
   exit 1
 fi
 
-wait_for_url() {  # URL SECONDS PID_FILE LOG [TOKEN]
+# The bearer token, if any, comes in the environment as WAIT_TOKEN, never as an argument: a process's arguments are
+# world-readable (/proc/PID/cmdline, `ps`), its environment only to its own user.
+wait_for_url() {  # URL SECONDS PID_FILE LOG; the environment: WAIT_TOKEN (optional)
   python - "$@" <<'PY'
-import sys, time, urllib.request
+import os, sys, time, urllib.request
 url, seconds, pid_file, log = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
-headers = {"Authorization": f"Bearer {sys.argv[5]}"} if len(sys.argv) > 5 else {}
+token = os.environ.get("WAIT_TOKEN", "")
+headers = {"Authorization": f"Bearer {token}"} if token else {}
 deadline = time.monotonic() + seconds
 while time.monotonic() < deadline:
     try:
         urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=2)
         sys.exit(0)
     except Exception:
-        import os
         try:
             os.kill(int(open(pid_file).read()), 0)
         except OSError:
@@ -94,9 +101,12 @@ setsid nohup ray start --head --block --disable-usage-stats \
   --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
   --temp-dir "$RAY_TMP" --num-cpus "$NUM_CPUS" >"$STATE_DIR/ray.log" 2>&1 </dev/null &
 echo $! >"$STATE_DIR/ray.pid"
-wait_for_url "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" 180 "$STATE_DIR/ray.pid" "$STATE_DIR/ray.log" "$TOKEN"
+WAIT_TOKEN="$TOKEN" wait_for_url "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" 180 "$STATE_DIR/ray.pid" \
+  "$STATE_DIR/ray.log"
 
+# Mode 600 even if an env file of an earlier stack is still there (cat > keeps an existing file's mode).
 umask 077
+rm -f "$STATE_DIR/env"
 cat >"$STATE_DIR/env" <<ENV
 # The local stack started by infra/local/start.sh; source it: . $STATE_DIR/env
 export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$RAY_DASHBOARD_PORT

@@ -9,12 +9,15 @@ import sys
 
 SUBMIT_EPILOG = """\
 examples:
-  mixer submit jobs/mixer_b16_i21k.yaml --address http://HEAD:8265 --follow
+  mixer submit jobs/mixer_b16_i21k.yaml --address https://HEAD:8265 --follow    # a dashboard behind TLS
   mixer submit jobs/quickstart.yaml --set run.url=s3://bucket/runs/q1 --workers 4
-  RAY_AUTH_TOKEN=$(ssh HEAD ray get-auth-token) mixer submit ...
+  ray dashboard infra/aws/cluster.yaml &    # an SSH tunnel from 127.0.0.1:8265 to the head's dashboard
+  RAY_AUTH_TOKEN=$(ssh HEAD ray get-auth-token) mixer submit jobs/quickstart.yaml --address http://127.0.0.1:8265
 
 The address is the head's dashboard (default: RAY_API_SERVER_ADDRESS, or RAY_ADDRESS when it is an http URL).
-The token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token. Credentials for object storage are never sent: the
+The token comes from RAY_AUTH_TOKEN or ~/.ray/auth_token and is sent as a bearer header, so plain http:// is
+refused except to this machine (127.0.0.1, ::1, localhost: the end of an SSH tunnel or `kubectl port-forward`);
+use https://, a tunnel, or --insecure on a network you trust. Credentials for object storage are never sent: the
 cluster's environment or instance role provides them.
 """
 
@@ -23,7 +26,11 @@ def _address_option(p: argparse.ArgumentParser) -> None:
     from pipeline.jobs import default_address
 
     p.add_argument("--address", default=default_address(),
-                   help="Ray dashboard URL, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+                   help="Ray dashboard URL, e.g. http://127.0.0.1:8265 through a tunnel, or https://HEAD:8265 "
+                        "(default: RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain http:// to another machine, which sends the cluster token unencrypted; only on "
+                        "a network you trust end to end")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,15 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_submit(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    job_id = jobs.submit(args.spec, args.address, args.overrides, args.workers)
+    job_id = jobs.submit(args.spec, args.address, args.overrides, args.workers, insecure=args.insecure)
+    target = f"--address {args.address}" + (" --insecure" if args.insecure else "")
     if not args.follow:
-        print(f"follow it with: mixer jobs logs {job_id} --follow --address {args.address}")
+        print(f"follow it with: mixer jobs logs {job_id} --follow {target}")
         return 0
     try:
-        status = jobs.follow(args.address, job_id)
+        status = jobs.follow(args.address, job_id, insecure=args.insecure)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job runs on. Stop it with: mixer jobs stop {job_id} --address "
-              f"{args.address}", file=sys.stderr)
+        print(f"\nstopped following; the job runs on. Stop it with: mixer jobs stop {job_id} {target}",
+              file=sys.stderr)
         return 130
     print(f"job {job_id}: {status}")
     return 0 if status == "SUCCEEDED" else 1
@@ -86,7 +94,7 @@ def _time(ms: int | None) -> str:
 def run_jobs_list(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    found = jobs.list_jobs(args.address)
+    found = jobs.list_jobs(args.address, insecure=args.insecure)
     print(f"{'job':<44}  {'status':<10}  {'started':<19}  {'spec':<32}  run")
     for job in found:
         meta = job.metadata or {}
@@ -99,7 +107,7 @@ def run_jobs_list(args: argparse.Namespace) -> int:
 def run_jobs_status(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    info = jobs.job_info(args.address, args.job_id)
+    info = jobs.job_info(args.address, args.job_id, insecure=args.insecure)
     print(f"job {args.job_id}: {info.status.value}")
     print(f"  started   {_time(info.start_time)}")
     print(f"  ended     {_time(info.end_time)}")
@@ -113,17 +121,17 @@ def run_jobs_logs(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
     if args.follow:
-        status = jobs.follow(args.address, args.job_id)
+        status = jobs.follow(args.address, args.job_id, insecure=args.insecure)
         print(f"job {args.job_id}: {status}")
         return 0 if status == "SUCCEEDED" else 1
-    print(jobs.job_logs(args.address, args.job_id), end="")
+    print(jobs.job_logs(args.address, args.job_id, insecure=args.insecure), end="")
     return 0
 
 
 def run_jobs_stop(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
-    status = jobs.stop(args.address, args.job_id)
+    status = jobs.stop(args.address, args.job_id, insecure=args.insecure)
     print(f"job {args.job_id}: {status}")
     return 0 if status == "STOPPED" else 1
 
