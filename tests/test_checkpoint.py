@@ -2,11 +2,19 @@
 
 Rank processes run this file as a script (`python tests/test_checkpoint.py SCENARIO CONFIG`), like torchrun would
 start a trainer: RANK/WORLD_SIZE/MASTER_* in the environment, the AWS_* variables inherited from the test session.
-Three groups of rank processes run once per module, one after the other, and the tests share their results:
-  g0  1 rank: unbroken runs (ZeRO 2 and 3: train, save at step 3, train on), a damaged step, retention; then it
-      commits step 1 of another run and is killed with SIGKILL while step 2 uploads;
-  g1  2 ranks: unbroken runs; resumes of them on 2 ranks (bitwise); resumes of g0's runs (1 -> 2, universal);
-  g2  1 rank: resumes of g1's runs (2 -> 1, universal); the killed run resumed and saved again.
+Each scenario is one group of rank processes behind one module fixture. A fixture depends only on the checkpoints
+its own claim reads and a test only on the groups its claim needs, so a failing group takes down its own tests only:
+
+  fixture         ranks  reads    what it does                                            tests
+  duo             2               unbroken runs (ZeRO 2/3), each resumed on the same 2    bitwise resume, records,
+                                  ranks right after                                       ZeRO-3 export
+  solo            1               unbroken runs (ZeRO 0/2/3)                              records
+  up              2      solo     solo's runs resumed on 2 ranks                          1 -> 2, universal form
+  down            1      duo      duo's runs resumed on 1 rank                            2 -> 1, universal form
+  faults          1               an altered file, a ZeRO stage change, retention         those, and the CLI list
+  killed          1               commits step 1, is killed with SIGKILL while step 2     latest stays on step 1
+                                  uploads
+  killed_resumed  1      killed   resumes the killed run, saves step 2 again              the next save commits
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -30,6 +39,7 @@ SAVE_AT = 3
 STEPS_AFTER = 5
 MODEL_CONFIG = {"image_size": 8, "patch_size": 4, "hidden_dim": 16, "num_blocks": 2, "tokens_mlp_dim": 8,
                 "channels_mlp_dim": 32, "num_classes": 5}
+SPEC_HASH = "test-spec-hash"
 BIG_BUFFER = 16 * 2**20  # floats: a 64 MB model-state file, so that its upload takes long enough to be killed
 
 
@@ -97,36 +107,47 @@ def _gathered_state(engine) -> dict:
         return {n: p.detach().clone() for n, p in params.items()}
 
 
-def _client(step: int) -> dict:
+def _train_state(step: int) -> dict:
     return {"step": step, "stream": {"epoch": 0, "position": step * GLOBAL_BATCH}}
 
 
 def _rank_state(rank: int) -> dict:
+    """What a trainer keeps per rank (its RNG state): tensors, numbers and strings only, for `weights_only`."""
     import torch
 
-    return {"rank": rank, "rng": torch.get_rng_state()}
+    return {"rank": rank, "rng": torch.get_rng_state(), "kind": "MT19937", "extra": [0.5, None, {"rank": rank}]}
 
 
-def _save(store, engine, step: int) -> None:
+def _save(store, engine, step: int) -> dict:
+    """Save `step` with the record a trainer would write; returns the rank_state saved."""
     import torch.distributed as dist
 
+    from pipeline.checkpoint import StepRecord
+
     rank, world = dist.get_rank(), dist.get_world_size()
-    store.save(engine, step, client_state=_client(step), rank_state=_rank_state(rank),
-               meta={"model_config": MODEL_CONFIG, "world_size": world})
+    record = StepRecord(step=step, world_size=world, zero_stage=int(engine.zero_optimization_stage()),
+                        spec_hash=SPEC_HASH, model_config=MODEL_CONFIG, train_state=_train_state(step))
+    rank_state = _rank_state(rank)
+    store.save(engine, record, rank_state=rank_state)
+    return rank_state
+
+
+def _store(cfg: dict, name: str, **kw):
+    from pipeline.checkpoint import CheckpointStore
+
+    return CheckpointStore(f"{cfg['bucket']}/{name}", staging_dir=cfg["staging"], **kw)
 
 
 def _unbroken_run(cfg: dict, name: str, stage: int) -> dict:
-    """Train, save at SAVE_AT (snapshotting this rank's optimizer there), keep training."""
+    """Train, save at SAVE_AT (snapshotting this rank's optimizer and rank_state there), keep training."""
     import torch
     import torch.distributed as dist
 
-    from pipeline.checkpoint import CheckpointStore
-
     engine = _engine(stage)
-    store = CheckpointStore(f"{cfg['bucket']}/{name}", staging_dir=cfg["staging"])
+    store = _store(cfg, name)
     _train(engine, range(SAVE_AT))
-    _save(store, engine, SAVE_AT)
-    torch.save(_snapshot(engine), f"{cfg['tmp']}/{name}-rank{dist.get_rank()}.pt")
+    rank_state = _save(store, engine, SAVE_AT)
+    torch.save({**_snapshot(engine), "rank_state": rank_state}, f"{cfg['tmp']}/{name}-rank{dist.get_rank()}.pt")
     if stage == 3:
         gathered = _gathered_state(engine)
         if dist.get_rank() == 0:
@@ -137,19 +158,19 @@ def _unbroken_run(cfg: dict, name: str, stage: int) -> dict:
 
 
 def _resume(cfg: dict, name: str, stage: int) -> dict:
-    """A fresh engine loads the run's newest step (snapshotting this rank's optimizer) and trains on."""
+    """A fresh engine loads the run's newest step (snapshotting this rank's optimizer and the rank_state it got
+    back) and trains on."""
     import torch
     import torch.distributed as dist
 
-    from pipeline.checkpoint import CheckpointStore
-
     engine = _engine(stage)
-    step, client, rank_state = CheckpointStore(f"{cfg['bucket']}/{name}", staging_dir=cfg["staging"]).load(engine)
+    record, rank_state = _store(cfg, name).load(engine)
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.save(_snapshot(engine), f"{cfg['tmp']}/{name}-resumed-on-{world}-rank{rank}.pt")
+    torch.save({**_snapshot(engine), "rank_state": rank_state},
+               f"{cfg['tmp']}/{name}-resumed-on-{world}-rank{rank}.pt")
     rank_state_ranks = [None] * world
     dist.all_gather_object(rank_state_ranks, None if rank_state is None else rank_state["rank"])
-    return {"step": step, "client": client, "rank_state": rank_state, "rank_state_ranks": rank_state_ranks,
+    return {"record": asdict(record), "rank_state_ranks": rank_state_ranks,
             "after": _train(engine, range(SAVE_AT, SAVE_AT + STEPS_AFTER))}
 
 
@@ -162,18 +183,40 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def scenario_g0(cfg: dict) -> dict:
-    """1 rank: unbroken runs, a damaged step, retention; then the save that the test kills."""
+def scenario_solo(cfg: dict) -> dict:
+    """1 rank: unbroken runs."""
+    return {"unbroken": {stage: _unbroken_run(cfg, f"solo-z{stage}", stage) for stage in (0, 2, 3)}}
+
+
+def scenario_duo(cfg: dict) -> dict:
+    """2 ranks: unbroken runs, each resumed on the same world size."""
+    out: dict = {"unbroken": {}, "same": {}}
+    for stage in (2, 3):
+        out["unbroken"][stage] = _unbroken_run(cfg, f"duo-z{stage}", stage)
+        out["same"][stage] = _resume(cfg, f"duo-z{stage}", stage)
+    return out
+
+
+def scenario_up(cfg: dict) -> dict:
+    """2 ranks: solo's 1-rank runs resumed (1 -> 2)."""
+    return {stage: _resume(cfg, f"solo-z{stage}", stage) for stage in (0, 2, 3)}
+
+
+def scenario_down(cfg: dict) -> dict:
+    """1 rank: duo's 2-rank runs resumed (2 -> 1)."""
+    return {stage: _resume(cfg, f"duo-z{stage}", stage) for stage in (2, 3)}
+
+
+def scenario_faults(cfg: dict) -> dict:
+    """1 rank: an altered file in the newest step, a ZeRO stage change, retention."""
     import fsspec
-    import torch
 
-    from pipeline.checkpoint import CheckpointError, CheckpointStore
+    from pipeline.checkpoint import CheckpointError
 
-    out: dict = {"unbroken": {stage: _unbroken_run(cfg, f"g0-z{stage}", stage) for stage in (0, 2, 3)}}
-
+    out: dict = {}
     # Corruption: alter one file of the newest step in the bucket.
     engine = _engine(2)
-    store = CheckpointStore(f"{cfg['bucket']}/corrupt", staging_dir=cfg["staging"])
+    store = _store(cfg, "corrupt")
     for step in (1, 2):
         _train(engine, range(step - 1, step))
         _save(store, engine, step)
@@ -191,12 +234,20 @@ def scenario_g0(cfg: dict) -> dict:
         explicit = str(e)
     handler = _Warnings()
     logging.getLogger("pipeline.checkpoint").addHandler(handler)
-    step, client, _ = store.load(engine)
-    out["corrupt"] = {"name": name, "explicit_error": explicit, "fallback_step": step, "client": client,
-                      "warnings": handler.messages}
+    record, _ = store.load(engine)
+    logging.getLogger("pipeline.checkpoint").removeHandler(handler)
+    out["corrupt"] = {"name": name, "explicit_error": explicit, "fallback_step": record.step,
+                      "train_state": record.train_state, "warnings": handler.messages}
+
+    # A ZeRO stage change: the intact step 1, loaded by a stage-3 engine.
+    try:
+        store.load(_engine(3), step=1)
+        out["stage_mismatch"] = None
+    except CheckpointError as e:
+        out["stage_mismatch"] = str(e)
 
     # Retention: keep the last 2 and every 3rd; an older half-written step goes too.
-    store = CheckpointStore(f"{cfg['bucket']}/retain", keep_last=2, keep_every=3, staging_dir=cfg["staging"])
+    store = _store(cfg, "retain", keep_last=2, keep_every=3)
     fs, path = fsspec.core.url_to_fs(store.url)
     fs.pipe_file(f"{path}/step-000000000/mp_rank_00_model_states.pt", b"half written")
     for step in range(1, 8):
@@ -204,11 +255,13 @@ def scenario_g0(cfg: dict) -> dict:
     store.wait()
     out["retain"] = {"committed": [i.step for i in store.list()],
                      "folders": sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))}
-    torch.save(out, cfg["result"])
+    return out
 
-    # The kill: commit step 1, then save step 2 and say so; the test kills this process while step 2 uploads.
+
+def scenario_kill(cfg: dict) -> dict:
+    """1 rank: commit step 1, then save step 2 and say so; the test kills this process while step 2 uploads."""
     engine = _engine(2, big=True)
-    store = CheckpointStore(cfg["kill_run"], staging_dir=cfg["staging"])
+    store = _store(cfg, "killed")
     _train(engine, range(1))
     _save(store, engine, 1)
     store.wait()
@@ -219,46 +272,29 @@ def scenario_g0(cfg: dict) -> dict:
     raise AssertionError("not killed")
 
 
-def scenario_g1(cfg: dict) -> dict:
-    """2 ranks: unbroken runs; same-world-size resumes; resumes of g0's 1-rank runs (1 -> 2)."""
-    out: dict = {"unbroken": {}, "same": {}, "up": {0: _resume(cfg, "g0-z0", 0)}}
-    for stage in (2, 3):
-        out["unbroken"][stage] = _unbroken_run(cfg, f"g1-z{stage}", stage)
-        out["same"][stage] = _resume(cfg, f"g1-z{stage}", stage)
-        out["up"][stage] = _resume(cfg, f"g0-z{stage}", stage)
-    return out
-
-
-def scenario_g2(cfg: dict) -> dict:
-    """1 rank: resumes of g1's 2-rank runs (2 -> 1); a ZeRO stage mismatch; the killed run resumed and saved
-    again."""
-    from pipeline.checkpoint import CheckpointError, CheckpointStore
-
-    out: dict = {"down": {stage: _resume(cfg, f"g1-z{stage}", stage) for stage in (2, 3)}}
-    try:
-        CheckpointStore(f"{cfg['bucket']}/g1-z2", staging_dir=cfg["staging"]).load(_engine(3))
-        out["stage_mismatch"] = None
-    except CheckpointError as e:
-        out["stage_mismatch"] = str(e)
+def scenario_kill_resume(cfg: dict) -> dict:
+    """1 rank: the killed run resumed and step 2 saved again."""
     engine = _engine(2, big=True)
-    store = CheckpointStore(cfg["kill_run"], staging_dir=cfg["staging"])
-    step, _, _ = store.load(engine)
+    store = _store(cfg, "killed")
+    record, _ = store.load(engine)
     _save(store, engine, 2)
     store.wait()
     listed = store.list(verify=True)
-    out["kill_resume"] = {"loaded": step, "committed": [i.step for i in listed],
-                          "verified": [i.verified for i in listed]}
-    return out
+    return {"loaded": record.step, "committed": [i.step for i in listed], "verified": [i.verified for i in listed]}
 
 
 def _rank_main(scenario: str, config_path: str) -> None:
+    import deepspeed
     import torch
     import torch.distributed as dist
 
-    from pipeline.train import init_distributed
+    from pipeline import deepspeed_compat
 
     cfg = json.loads(Path(config_path).read_text())
-    init_distributed()
+    # What pipeline.train.init_distributed does on CPU, without importing the trainer's data stack (torchvision,
+    # webdataset: seconds of CPU per rank process, and this file starts nine of them).
+    deepspeed_compat.use_gloo_allreduce_on_cpu()
+    deepspeed.init_distributed(dist_backend="gloo")
     out = globals()[f"scenario_{scenario}"](cfg)
     if dist.get_rank() == 0:
         torch.save(out, cfg["result"])
@@ -279,7 +315,9 @@ def _free_port() -> int:
 
 
 def _start(scenario: str, world: int, cfg: dict, tmp: Path) -> tuple[list[subprocess.Popen], Path]:
-    cfg = {**cfg, "result": str(tmp / f"{scenario}-result.pt"), "tmp": str(tmp)}
+    # Each group stages on its own folder: no group's leftovers (a killed save's files) reach another.
+    cfg = {**cfg, "result": str(tmp / f"{scenario}-result.pt"), "tmp": str(tmp),
+           "staging": str(tmp / "staging" / scenario)}
     config_path = tmp / f"{scenario}.json"
     config_path.write_text(json.dumps(cfg))
     port = _free_port()
@@ -318,17 +356,46 @@ def env(s3_endpoint, tmp_path_factory):
     name = f"ckpt-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     tmp = tmp_path_factory.mktemp("checkpoint")
-    return {"bucket": f"s3://{name}", "staging": str(tmp / "staging"), "kill_run": f"s3://{name}/killed"}, tmp
+    return {"bucket": f"s3://{name}"}, tmp
 
 
 @pytest.fixture(scope="module")
-def g0(env):
-    """Run g0; once its last save has returned and step 2 has started to appear in the bucket, SIGKILL it."""
+def solo(env):
+    return _run("solo", 1, *env)
+
+
+@pytest.fixture(scope="module")
+def duo(env):
+    return _run("duo", 2, *env)
+
+
+@pytest.fixture(scope="module")
+def up(env, solo):
+    return _run("up", 2, *env)
+
+
+@pytest.fixture(scope="module")
+def down(env, duo):
+    return _run("down", 1, *env)
+
+
+@pytest.fixture(scope="module")
+def faults(env):
+    return _run("faults", 1, *env)
+
+
+@pytest.fixture(scope="module")
+def killed(env):
+    """Run `kill`; once its last save has returned and step 2 has started to appear in the bucket, SIGKILL it.
+    Returns what the bucket holds right after."""
     import fsspec
-    import torch
+
+    from pipeline import storage
+    from pipeline.checkpoint import CheckpointStore
 
     cfg, tmp = env
-    (proc,), result = _start("g0", 1, cfg, tmp)
+    run = f"{cfg['bucket']}/killed"
+    (proc,), _ = _start("kill", 1, cfg, tmp)
     lines = []
     try:
         for line in proc.stdout:
@@ -336,8 +403,8 @@ def g0(env):
             if line.startswith("SAVE_RETURNED"):
                 break
         else:
-            raise AssertionError("g0 ended before its last save:\n" + "".join(lines[-80:]))
-        fs, path = fsspec.core.url_to_fs(f"{cfg['kill_run']}/checkpoints/step-000000002")
+            raise AssertionError("kill ended before its last save:\n" + "".join(lines[-80:]))
+        fs, path = fsspec.core.url_to_fs(f"{run}/checkpoints/step-000000002")
         deadline = time.monotonic() + 60
         while not fs.exists(f"{path}/meta.json") and time.monotonic() < deadline:
             fs.invalidate_cache()
@@ -346,21 +413,15 @@ def g0(env):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     fs.invalidate_cache()
-    out = torch.load(result, weights_only=False)
-    out["killed"] = {"files": sorted(p.rsplit("/", 1)[-1] for p in fs.find(path)), "returncode": proc.returncode}
-    return out
+    store = CheckpointStore(run)
+    return {"files": sorted(p.rsplit("/", 1)[-1] for p in fs.find(path)), "returncode": proc.returncode,
+            "latest_file": storage.read_bytes(f"{run}/checkpoints/latest").decode().strip(),
+            "latest": store.latest(), "committed": [i.step for i in store.list()]}
 
 
 @pytest.fixture(scope="module")
-def g1(env, g0):
-    cfg, tmp = env
-    return _run("g1", 2, cfg, tmp)
-
-
-@pytest.fixture(scope="module")
-def g2(env, g1):
-    cfg, tmp = env
-    return _run("g2", 1, cfg, tmp)
+def killed_resumed(env, killed):
+    return _run("kill_resume", 1, *env)
 
 
 def _equal(a, b) -> bool:
@@ -375,74 +436,181 @@ def _equal(a, b) -> bool:
     return a == b
 
 
+def _assert_record(record: dict, world: int, stage: int, step: int = SAVE_AT) -> None:
+    assert record["step"] == step and record["train_state"] == _train_state(step)
+    assert record["world_size"] == world and record["zero_stage"] == stage
+    assert record["model_config"] == MODEL_CONFIG and record["spec_hash"] == SPEC_HASH and record["time"]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
-def test_same_world_size_resume_is_bitwise(env, g1, stage):
+def test_same_world_size_resume_is_bitwise(env, duo, stage):
     import torch
 
     _, tmp = env
-    same = g1["same"][stage]
-    assert same["step"] == SAVE_AT and same["client"] == _client(SAVE_AT)
+    same = duo["same"][stage]
+    _assert_record(same["record"], world=2, stage=stage)
     assert same["rank_state_ranks"] == [0, 1], "each rank gets back the state it saved"
     for rank in (0, 1):
-        saved = torch.load(tmp / f"g1-z{stage}-rank{rank}.pt", weights_only=False)
-        loaded = torch.load(tmp / f"g1-z{stage}-resumed-on-2-rank{rank}.pt", weights_only=False)
+        saved = torch.load(tmp / f"duo-z{stage}-rank{rank}.pt", weights_only=False)
+        loaded = torch.load(tmp / f"duo-z{stage}-resumed-on-2-rank{rank}.pt", weights_only=False)
         assert _equal(loaded["params"], saved["params"]), f"rank {rank}: fp32 master weights differ after load"
         assert _equal(loaded["state"], saved["state"]), f"rank {rank}: optimizer state differs after load"
         assert loaded["lr"] == saved["lr"] and loaded["global_steps"] == saved["global_steps"] == SAVE_AT
-    assert same["after"] == g1["unbroken"][stage]["after"], "losses after resume differ from the unbroken run"
+        # rank_state comes back through torch.load(weights_only=True) exactly as saved, RNG tensors included.
+        assert _equal(loaded["rank_state"], saved["rank_state"]), f"rank {rank}: rank_state differs after load"
+        assert isinstance(loaded["rank_state"]["rng"], torch.Tensor) and loaded["rank_state"]["rank"] == rank
+    assert same["after"] == duo["unbroken"][stage]["after"], "losses after resume differ from the unbroken run"
+
+
+def _assert_meta_and_manifest_agree(cfg: dict, group: str, world: int) -> None:
+    from pipeline import storage
+    from pipeline.checkpoint import CheckpointStore, StepRecord
+
+    for stage in (2, 3):
+        store = CheckpointStore(f"{cfg['bucket']}/{group}-z{stage}")
+        step = store.step_url(SAVE_AT)
+        manifest = storage.read_json(f"{step}/manifest.json")
+        meta = storage.read_json(f"{step}/meta.json")
+        assert "meta.json" in manifest["files"] and "files" not in meta
+        record = StepRecord.from_manifest(manifest)
+        assert StepRecord.from_manifest(meta) == record == store.record(SAVE_AT)
+        _assert_record(asdict(record), world=world, stage=stage)
+
+
+def test_meta_and_manifest_carry_the_same_record_2_ranks(env, duo):
+    _assert_meta_and_manifest_agree(env[0], "duo", world=2)
+
+
+def test_export_zero3_equals_gathered_weights(env, duo, tmp_path):
+    import numpy as np
+    import timm
+    import torch
+
+    from pipeline import convert
+    from pipeline.cli import main
+
+    cfg, tmp = env
+    gathered = torch.load(tmp / "duo-z3-gathered.pt")
+    out = f"{cfg['bucket']}/duo-z3/exports/step-3.safetensors"
+    assert main(["export", f"{cfg['bucket']}/duo-z3", out]) == 0
+    model = convert.load_safetensors(out)
+    state = model.state_dict()
+    assert state.keys() == gathered.keys()
+    for name, value in gathered.items():
+        assert torch.equal(state[name], value), name
+
+    assert main(["export", f"{cfg['bucket']}/duo-z3/checkpoints/step-000000003", str(tmp_path / "w.pth"),
+                 "--format", "timm"]) == 0
+    ref = timm.models.mlp_mixer.MlpMixer(num_classes=5, img_size=8, patch_size=4, num_blocks=2, embed_dim=16,
+                                         mlp_ratio=(0.5, 2.0))
+    ref.load_state_dict(torch.load(tmp_path / "w.pth"))
+    assert main(["export", f"{cfg['bucket']}/duo-z3", str(tmp_path / "w.npz"), "--format", "npz"]) == 0
+    arrays = np.load(tmp_path / "w.npz")
+    np.testing.assert_array_equal(arrays["head/kernel"], gathered["head.weight"].numpy().T)
+
+
+def test_meta_and_manifest_carry_the_same_record_1_rank(env, solo):
+    _assert_meta_and_manifest_agree(env[0], "solo", world=1)
+
+
+def _assert_universal_form_stored(cfg: dict, run: str, world: int) -> None:
+    from pipeline import storage
+
+    for stage in (2, 3):
+        step = f"{cfg['bucket']}/{run}-z{stage}/checkpoints/step-000000003"
+        manifest = storage.read_json(f"{step}/universal/manifest.json")
+        assert manifest["world_size"] == world and any(n.startswith("zero/") for n in manifest["files"])
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
-def test_resume_on_another_world_size(g0, g1, g2, stage):
+def test_resume_on_more_ranks(solo, up, stage):
     import numpy as np
 
-    up = g1["up"][stage]
-    assert up["step"] == SAVE_AT and up["client"] == _client(SAVE_AT) and up["rank_state"] is None
-    np.testing.assert_allclose(up["after"], g0["unbroken"][stage]["after"], rtol=1e-5, atol=0)
-    if stage == 0:
-        return  # without ZeRO the files are read as they are: nothing to convert
-    down = g2["down"][stage]
-    assert down["step"] == SAVE_AT and down["client"] == _client(SAVE_AT) and down["rank_state"] is None
-    np.testing.assert_allclose(down["after"], g1["unbroken"][stage]["after"], rtol=1e-5, atol=0)
+    resumed = up[stage]
+    _assert_record(resumed["record"], world=1, stage=stage)
+    assert resumed["rank_state_ranks"] == [None, None], "no rank_state across a world size change"
+    np.testing.assert_allclose(resumed["after"], solo["unbroken"][stage]["after"], rtol=1e-5, atol=0)
     # The check has teeth: the runs do change from step to step.
-    assert len(set(down["after"])) == STEPS_AFTER
+    assert len(set(resumed["after"])) == STEPS_AFTER
 
 
-def test_universal_form_is_stored_next_to_the_step(env, g2):
+def test_universal_form_is_stored_next_to_the_step_1_to_2(env, up):
     from pipeline import storage
 
     cfg, _ = env
-    for run, world in (("g0", 1), ("g1", 2)):
-        for stage in (2, 3):
-            step = f"{cfg['bucket']}/{run}-z{stage}/checkpoints/step-000000003"
-            manifest = storage.read_json(f"{step}/universal/manifest.json")
-            assert manifest["world_size"] == world and any(n.startswith("zero/") for n in manifest["files"])
-    assert not storage.exists(f"{cfg['bucket']}/g0-z0/checkpoints/step-000000003/universal")
+    _assert_universal_form_stored(cfg, "solo", world=1)
+    # Without ZeRO the files are read as they are: nothing to convert.
+    assert not storage.exists(f"{cfg['bucket']}/solo-z0/checkpoints/step-000000003/universal")
 
 
-def test_zero_stage_change_is_refused(g2):
-    assert "saved with ZeRO stage 2 but this engine runs stage 3" in g2["stage_mismatch"]
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_on_fewer_ranks(duo, down, stage):
+    import numpy as np
+
+    resumed = down[stage]
+    _assert_record(resumed["record"], world=2, stage=stage)
+    assert resumed["rank_state_ranks"] == [None], "no rank_state across a world size change"
+    np.testing.assert_allclose(resumed["after"], duo["unbroken"][stage]["after"], rtol=1e-5, atol=0)
+    assert len(set(resumed["after"])) == STEPS_AFTER
 
 
-def test_kill_during_upload_leaves_previous_step(env, g0, g2):
+def test_universal_form_is_stored_next_to_the_step_2_to_1(env, down):
+    _assert_universal_form_stored(env[0], "duo", world=2)
+
+
+def test_altered_file_is_refused_and_load_falls_back(faults):
+    corrupt = faults["corrupt"]
+    assert corrupt["explicit_error"] is not None and corrupt["name"] in corrupt["explicit_error"]
+    assert "sha256" in corrupt["explicit_error"]
+    assert corrupt["fallback_step"] == 1 and corrupt["train_state"] == _train_state(1)
+    assert any(corrupt["name"] in w and "step-000000001" in w for w in corrupt["warnings"])
+
+
+def test_zero_stage_change_is_refused(faults):
+    assert "saved with ZeRO stage 2 but this engine runs stage 3" in faults["stage_mismatch"]
+
+
+def test_retention_keeps_last_and_every_nth(faults):
+    assert faults["retain"]["committed"] == [3, 6, 7]
+    assert faults["retain"]["folders"] == ["latest", "step-000000003", "step-000000006", "step-000000007"]
+
+
+def test_cli_list_and_verify(env, faults, capsys):
+    from pipeline.cli import main
+
+    cfg, _ = env
+    assert main(["checkpoints", "list", f"{cfg['bucket']}/retain"]) == 0
+    table = capsys.readouterr().out
+    assert [line.split()[0] for line in table.splitlines()[1:]] == ["3", "6", "7"]
+    assert main(["checkpoints", "list", f"{cfg['bucket']}/corrupt", "--verify"]) == 1
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(r[0], r[-1]) for r in rows] == [("1", "yes"), ("2", "NO")]
+
+
+def test_kill_during_upload_leaves_previous_step(killed):
+    assert killed["returncode"] == -signal.SIGKILL
+    # Step 2 had started to appear (meta.json) but never got its manifest: the store still ends at step 1.
+    assert "meta.json" in killed["files"] and "manifest.json" not in killed["files"]
+    assert killed["latest_file"] == "step-000000001"
+    assert killed["latest"] == 1 and killed["committed"] == [1]
+
+
+def test_save_after_kill_commits(env, killed_resumed):
     from pipeline import storage
     from pipeline.checkpoint import CheckpointStore
 
     cfg, _ = env
-    killed = g0["killed"]
-    assert killed["returncode"] == -signal.SIGKILL
-    # Step 2 had started to appear (meta.json) but never got its manifest; the resume saw step 1 only.
-    assert "meta.json" in killed["files"] and "manifest.json" not in killed["files"]
-    resumed = g2["kill_resume"]
-    assert resumed["loaded"] == 1
-    assert resumed["committed"] == [1, 2] and resumed["verified"] == [True, True]
-    assert storage.read_bytes(f"{cfg['kill_run']}/checkpoints/latest").decode().strip() == "step-000000002"
-    assert CheckpointStore(cfg["kill_run"]).latest() == 2
+    run = f"{cfg['bucket']}/killed"
+    assert killed_resumed["loaded"] == 1
+    assert killed_resumed["committed"] == [1, 2] and killed_resumed["verified"] == [True, True]
+    assert storage.read_bytes(f"{run}/checkpoints/latest").decode().strip() == "step-000000002"
+    assert CheckpointStore(run).latest() == 2
 
 
-def test_partial_step_is_invisible(env):
+def test_partial_step_is_invisible(env, tmp_path, capsys):
     from pipeline import storage
     from pipeline.checkpoint import CheckpointError, CheckpointStore
+    from pipeline.cli import main
 
     cfg, _ = env
     run = f"{cfg['bucket']}/partial"
@@ -453,59 +621,10 @@ def test_partial_step_is_invisible(env):
     assert [i.step for i in store.list()] == [1] and store.latest() == 1
     with pytest.raises(CheckpointError, match="no committed checkpoint for step 2"):
         store.load(None, step=2)
-
-
-def test_altered_file_is_refused_and_load_falls_back(g0):
-    corrupt = g0["corrupt"]
-    assert corrupt["explicit_error"] is not None and corrupt["name"] in corrupt["explicit_error"]
-    assert "sha256" in corrupt["explicit_error"]
-    assert corrupt["fallback_step"] == 1 and corrupt["client"] == _client(1)
-    assert any(corrupt["name"] in w and "step-000000001" in w for w in corrupt["warnings"])
-
-
-def test_retention_keeps_last_and_every_nth(g0):
-    assert g0["retain"]["committed"] == [3, 6, 7]
-    assert g0["retain"]["folders"] == ["latest", "step-000000003", "step-000000006", "step-000000007"]
-
-
-def test_export_zero3_equals_gathered_weights(env, g1, tmp_path):
-    import numpy as np
-    import timm
-    import torch
-
-    from pipeline import convert
-    from pipeline.cli import main
-
-    cfg, tmp = env
-    gathered = torch.load(tmp / "g1-z3-gathered.pt")
-    out = f"{cfg['bucket']}/g1-z3/exports/step-3.safetensors"
-    assert main(["export", f"{cfg['bucket']}/g1-z3", out]) == 0
-    model = convert.load_safetensors(out)
-    state = model.state_dict()
-    assert state.keys() == gathered.keys()
-    for name, value in gathered.items():
-        assert torch.equal(state[name], value), name
-
-    assert main(["export", f"{cfg['bucket']}/g1-z3/checkpoints/step-000000003", str(tmp_path / "w.pth"),
-                 "--format", "timm"]) == 0
-    ref = timm.models.mlp_mixer.MlpMixer(num_classes=5, img_size=8, patch_size=4, num_blocks=2, embed_dim=16,
-                                         mlp_ratio=(0.5, 2.0))
-    ref.load_state_dict(torch.load(tmp_path / "w.pth"))
-    assert main(["export", f"{cfg['bucket']}/g1-z3", str(tmp_path / "w.npz"), "--format", "npz"]) == 0
-    arrays = np.load(tmp_path / "w.npz")
-    np.testing.assert_array_equal(arrays["head/kernel"], gathered["head.weight"].numpy().T)
-
-
-def test_cli_list_and_verify(env, g0, capsys):
-    from pipeline.cli import main
-
-    cfg, _ = env
-    assert main(["checkpoints", "list", f"{cfg['bucket']}/retain"]) == 0
-    table = capsys.readouterr().out
-    assert [line.split()[0] for line in table.splitlines()[1:]] == ["3", "6", "7"]
-    assert main(["checkpoints", "list", f"{cfg['bucket']}/corrupt", "--verify"]) == 1
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert [(r[0], r[-1]) for r in rows] == [("1", "yes"), ("2", "NO")]
+    # Nor can it be exported: a refusal on purpose, so `mixer` says why and exits with status 2.
+    capsys.readouterr()
+    assert main(["export", f"{run}/checkpoints/step-000000002", str(tmp_path / "w.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 if __name__ == "__main__":
