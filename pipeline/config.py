@@ -61,6 +61,13 @@ class DataSpec:
     streams: int = 512
     loader_workers: int = 2
     eval_resize: int | None = None  # short side before the centre crop; None: image_size * 8 / 7
+    # Training skips (and replaces) samples it cannot decode; past this fraction of the samples read, the run stops
+    # (judged once the fraction allows 10 skips; 0 stops at the first). See pipeline/train.py SkipLog.
+    max_skipped_fraction: float = 0.001
+    # A shard read to its end is checked against dataset.json's sha256 as it streams (partial reads cannot be):
+    # fail stops the run, warn logs once per shard, off skips the hash. A mismatch is never a brief fault (those are
+    # retried below it): the bytes differ from what was prepared, so the default stops rather than train on them.
+    verify: Literal["off", "warn", "fail"] = "fail"
 
 
 @dataclass
@@ -114,6 +121,9 @@ class CheckpointSpec:
     every_steps: int = 1000
     keep_last: int = 3
     keep_every: int | None = None  # also keep every Nth step for ever
+    # Node-local folder under which each save and load makes its own private (0700) folder; it must belong to the
+    # user running the job and not be writable by others. null: the system temp directory.
+    staging_dir: str | None = None
 
 
 @dataclass
@@ -122,6 +132,12 @@ class RunSpec:
     log_every: int = 10
     # Stop after this step, checkpointed, as a preemption would; the same command later resumes the run.
     stop_after: int | None = None
+    # One writer per run URL: the run holds RUN/lease.json, renewed every third of this; a run that dies without
+    # releasing it blocks the URL for at most this long.
+    lease_ttl_s: float = 300.0
+    # How long one storage operation retries brief faults (5xx, SlowDown, resets, timeouts, cut reads) with
+    # backoff before it gives up; counted from its first failure.
+    io_retry_s: float = 300.0
 
 
 @dataclass
@@ -150,7 +166,10 @@ class Spec:
         with the cluster size or where the run lives, so a run can resume on another number of workers."""
         d = self.to_dict()
         kept = {k: d[k] for k in ("model", "data", "loss", "optim", "schedule", "batch", "seed")}
-        kept["data"] = {k: v for k, v in kept["data"].items() if k != "loader_workers"}
+        # max_skipped_fraction only decides when to give up: raising it must let a stopped run resume; verify
+        # likewise only decides how reads are checked.
+        kept["data"] = {k: v for k, v in kept["data"].items()
+                        if k not in ("loader_workers", "max_skipped_fraction", "verify")}
         kept["model"] = {k: v for k, v in kept["model"].items() if k not in ("compile", "activation_checkpointing")}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -333,7 +352,8 @@ def validate(spec: Spec) -> None:
         num_tokens(VARIANTS[m.variant], m.image_size)
     except ValueError as e:
         raise SpecError(f"model.image_size: {e} of {m.variant}") from e
-    for name, value in (("model.stoch_depth", m.stoch_depth), ("model.dropout", m.dropout), ("data.mixup", d.mixup)):
+    for name, value in (("model.stoch_depth", m.stoch_depth), ("model.dropout", m.dropout), ("data.mixup", d.mixup),
+                        ("data.max_skipped_fraction", d.max_skipped_fraction)):
         if not 0.0 <= value < 1.0:
             raise SpecError(f"{name}: {value} is outside [0, 1)")
     lo, hi = d.crop_scale
@@ -341,13 +361,18 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"data.crop_scale: {list(d.crop_scale)} must satisfy 0 < low <= high <= 1")
     positive = {"batch.global": b.global_, "batch.micro": b.micro, "cluster.workers": c.workers,
                 "data.streams": d.streams, "checkpoint.keep_last": spec.checkpoint.keep_last,
-                "eval.batch_size": spec.eval.batch_size, "run.log_every": spec.run.log_every}
+                "eval.batch_size": spec.eval.batch_size, "run.log_every": spec.run.log_every,
+                "run.lease_ttl_s": spec.run.lease_ttl_s}
     if s.total_steps is not None:
         positive["schedule.total_steps"] = s.total_steps
     if s.epochs is not None:
         positive["schedule.epochs"] = s.epochs
     if spec.run.stop_after is not None:
         positive["run.stop_after"] = spec.run.stop_after
+    staging = spec.checkpoint.staging_dir
+    if staging is not None and ("://" in staging or not staging.startswith("/")):
+        raise SpecError(f"checkpoint.staging_dir: {staging!r} must be an absolute node-local path (each worker "
+                        "stages there on its own host), or null for the system temp directory")
     for name, value in positive.items():
         if value <= 0:
             raise SpecError(f"{name}: must be positive, got {value}")
@@ -357,6 +382,9 @@ def validate(spec: Spec) -> None:
             f"choose a global batch that is a multiple of {b.micro * c.workers}, or change the micro batch or workers"
         )
     check_stream_layout(d.streams, b.global_, c.workers, d.loader_workers)
+    if d.eval_resize is not None and d.eval_resize < m.image_size:
+        raise SpecError(f"data.eval_resize: {d.eval_resize} is smaller than model.image_size={m.image_size}; the "
+                        "centre crop needs at least image_size pixels on the short side (null: image_size * 8 / 7)")
     if (s.epochs is None) == (s.total_steps is None):
         raise SpecError("schedule: give exactly one of schedule.epochs or schedule.total_steps")
     for name, value in (("checkpoint.every_steps", spec.checkpoint.every_steps),
@@ -365,5 +393,7 @@ def validate(spec: Spec) -> None:
             raise SpecError(f"{name}: must be >= 0 (0 turns it off), got {value}")
     if s.warmup_steps < 0:
         raise SpecError(f"schedule.warmup_steps: must be >= 0, got {s.warmup_steps}")
+    if spec.run.io_retry_s < 0:
+        raise SpecError(f"run.io_retry_s: must be >= 0 seconds (0: no retries), got {spec.run.io_retry_s}")
     if spec.optim.name == "sgd" and spec.deepspeed.offload_optimizer:
         raise SpecError("deepspeed.offload_optimizer works with optim.name=adam only")

@@ -25,6 +25,15 @@ Mixup (when > 0) mixes each stream's chunk of a batch with itself reversed, with
 rng(seed, e, b, c); targets (one-hot or multi-hot) are mixed alike. The bits do not depend on where a sample is
 computed (main or loader process, any number of torch threads).
 
+Bad samples. A sample whose members break the shard format, whose image header cannot be read, that is not a JPEG
+or PNG, that has more than MAX_IMAGE_PIXELS pixels (a decompression bomb), or whose image does not decode, is
+skipped and reported (`Batch.skipped`, a `SkippedSample` each) instead of ending the run. Its position i in stream c
+is filled by the first sample of the same stream, at positions i+1, i+2, ... up to the end of the stream's epoch,
+then 0, 1, ..., i-1, that decodes, augmented with position i's seed. The replacement depends only on the stream's
+contents, never on where reading began or who reads, so batches keep their size and the order stays the same for
+any world size, loader processes or resume point; a clean dataset gives the same bits as if no sample could fail.
+Looking ahead may read the next window early, so a stream briefly holds two.
+
 Memory. A stream holds one window of encoded samples at a time: a rank holds about C/n * WINDOW shards' bytes.
 
 Resume. `state_dict()` is the position of the next batch (epoch, batch) with the order's identity (seed, streams,
@@ -32,25 +41,32 @@ global batch, split, dataset). Restoring skips whole windows by the sample count
 them, and inside the first window reads only up to the samples still needed, decoding none of the others.
 
 Evaluation (`eval_batches`): rank r reads shards r::n in order (uneven is fine), resize of the short side, centre
-crop, no augmentation, every sample once.
+crop, no augmentation, every sample once; a bad sample is left out with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
+import logging
 import math
+import os
+import posixpath
 import random
+import struct
 import tarfile
+import warnings
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import simplejpeg
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -63,6 +79,11 @@ from pipeline.shard_format import decode_sample, split_member
 
 WINDOW = 4  # consecutive pieces of a stream shuffled together
 ORDER_VERSION = 1  # bump when the order scheme changes: old stream states then refuse to load
+# Above this an image is refused unread: a few KB of PNG or JPEG can claim enough pixels to exhaust memory.
+MAX_IMAGE_PIXELS = 8192 * 8192
+_IMAGE_FORMATS = ["JPEG", "PNG"]  # what `mixer prepare` writes; PIL tries no other decoder on a shard's bytes
+
+log = logging.getLogger("mixer.data")
 
 # Domains of the derived seeds, so that e.g. a window's permutation and a sample's crop never share a seed.
 _SHARDS, _WINDOW, _SAMPLE, _MIXUP = range(4)
@@ -83,11 +104,33 @@ class StreamConfig:
     loader_workers: int = 0
 
 
+@dataclass(frozen=True)
+class SkippedSample:
+    """A training sample that could not be used, and its place in the order (plain data: it crosses from a loader
+    process with its chunk)."""
+
+    key: str
+    shard: str  # the shard's URL
+    reason: str
+    epoch: int
+    stream: int
+    position: int  # in the stream's epoch
+
+
+class BadSampleError(DatasetError):
+    """One sample that cannot be used (the training stream skips it); `reason` says why, without the place."""
+
+    def __init__(self, sample: _Sample, reason: str):
+        super().__init__(f"{sample.shard_url}: sample {sample.key!r}: {reason}")
+        self.reason = reason
+
+
 @dataclass
 class Batch:
     images: torch.Tensor  # float32 [N, 3, H, W] in [-1, 1]
     targets: torch.Tensor  # float32 [N, K]: one-hot or multi-hot, mixed by mixup
     keys: list[str]
+    skipped: list[SkippedSample] = field(default_factory=list)  # replaced in this batch, in stream order
 
 
 @dataclass
@@ -96,6 +139,7 @@ class _Sample:
     image: bytes
     labels: tuple[int, ...]
     shard_url: str
+    problem: str | None = None  # members that break the shard format: the sample is skipped
 
 
 @dataclass
@@ -108,6 +152,7 @@ class _Chunk:
     epoch: int = 0
     batch: int = 0
     first_stream: int = 0
+    skipped: list[SkippedSample] = field(default_factory=list)
 
 
 def check_dataset(url: str) -> DatasetInfo:
@@ -121,6 +166,27 @@ def check_dataset(url: str) -> DatasetInfo:
         if split.shards and split.samples == 0:
             raise DatasetError(f"{info.url}: split {name!r} has shards but no samples")
     return info
+
+
+def check_shards_present(info: DatasetInfo, splits: Sequence[str | None]) -> None:
+    """Every shard of the splits is in the store at the size dataset.json lists: one listing per folder, no
+    shard read."""
+    try:
+        found = {posixpath.basename(e["name"].rstrip("/")): e.get("size") for e in storage.ls(info.url, detail=True)}
+    except FileNotFoundError:
+        found = {}
+    problems = []
+    for name in filter(None, splits):
+        for shard in info.split(name).shards:
+            size = found.get(shard.name)
+            if size is None:
+                problems.append(f"{shard.name} is missing")
+            elif size != shard.bytes:
+                problems.append(f"{shard.name} has {size} bytes, dataset.json lists {shard.bytes}")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise DatasetError(f"{info.url}: {'; '.join(problems[:3])}{more}; the dataset changed after preparation: "
+                           "check it with `mixer verify`, or prepare it again")
 
 
 def batches_per_epoch(samples: int, streams: int, global_batch: int) -> int:
@@ -229,15 +295,63 @@ def _load_window(info: DatasetInfo, split: Split, pieces: list[_Piece], wanted: 
 # ---------------------------------------------------------------------------------------------------------------
 # reading shards
 
+VERIFY_MODES = ("off", "warn", "fail")
+# The mode travels in the environment, so that loader processes (forked or spawned) read shards the same way.
+VERIFY_ENV = "MIXER_DATA_VERIFY"
+_warned_digests: set[str] = set()  # shards whose mismatch this process has reported (`warn`: once per shard)
+
+
+def set_verify(mode: str) -> None:
+    """How a shard read to its end is checked against dataset.json's sha256 (`data.verify`), for this process and
+    the loader processes it starts later: `fail` raises DatasetError, `warn` logs once per shard, `off` skips the
+    hash."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"data.verify: {mode!r} is not one of {', '.join(VERIFY_MODES)}")
+    os.environ[VERIFY_ENV] = mode
+
+
+def _verify_mode() -> str:
+    mode = os.environ.get(VERIFY_ENV, "fail")
+    return mode if mode in VERIFY_MODES else "fail"
+
+
+def _check_digest(f: storage.ResilientReader, shard: Shard, url: str, mode: str) -> None:
+    """Called once the tar stream has ended: hash what tarfile left unread (the end-of-archive padding) and compare
+    the whole file's sha256 with dataset.json's."""
+    if f.digest is None:
+        return
+    while f.read(1 << 20):  # ends at the object's end
+        pass
+    digest = f.digest.hexdigest()
+    if digest == shard.sha256:
+        return
+    message = (f"{url}: the sha256 of the {f.offset} bytes read is {digest[:16]}..., dataset.json lists "
+               f"{shard.sha256[:16]}... ({shard.bytes} bytes); the shard changed after preparation: check the "
+               "dataset with `mixer verify` and prepare it again")
+    if mode == "fail":
+        raise DatasetError(f"{message} (or set data.verify: warn to train on)")
+    if url not in _warned_digests:
+        _warned_digests.add(url)
+        log.warning(message)
+
 
 def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: int) -> Iterator[tuple[int, _Sample]]:
     """Samples [0, stop) of a shard that are in `wanted` (None: all), streamed through fsspec. Members of other
-    samples are passed over without being extracted; reading ends at `stop`."""
+    samples are passed over without being extracted; reading ends at `stop`.
+
+    The shard is read once, front to back, through a `storage.ResilientReader`: a brief store fault re-opens it
+    where the read stopped, so the tar stream goes on. The reader hashes the bytes as they pass; when the tar stream
+    reaches its end, the sha256 is compared with dataset.json's (`data.verify`, see `set_verify`) before the last
+    sample is handed out. A read that stops early (`stop` before the shard's last sample, as a resume inside a
+    window or a stream's cut does) has not seen every byte and is not checked, nor is a shard without a recorded
+    digest. Samples before the end are handed out before the check can run: a mismatch stops the run (`fail`), it
+    cannot take back the samples already used."""
     url = info.shard_url(shard)
-    fs, path = storage.filesystem(url)
+    mode = _verify_mode()
     index, key, files = -1, None, {}
     try:
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        with storage.ResilientReader(url, sha256=mode != "off" and bool(shard.sha256)) as f, \
+                tarfile.open(fileobj=f, mode="r|") as tar:
             for member in tar:
                 named = split_member(member.name) if member.isfile() else None
                 if named is None:
@@ -251,6 +365,7 @@ def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: 
                         return
                 if wanted is None or index in wanted:
                     files[ext] = tar.extractfile(member).read()
+            _check_digest(f, shard, url, mode)
     except (tarfile.TarError, OSError) as e:
         raise DatasetError(f"{url}: cannot read the shard ({e}); check the dataset with `mixer verify`") from e
     if key is not None and (wanted is None or index in wanted):
@@ -263,7 +378,11 @@ def _read_shard(info: DatasetInfo, shard: Shard, wanted: set[int] | None, stop: 
 
 
 def _make_sample(url: str, key: str, files: dict[str, bytes], info: DatasetInfo) -> _Sample:
-    image, labels = decode_sample(url, key, files, info.multi_label, info.num_classes)
+    try:
+        image, labels = decode_sample(url, key, files, info.multi_label, info.num_classes)
+    except DatasetError as e:
+        # Not raised here: a malformed sample is skipped and reported where it is used, like an undecodable image.
+        return _Sample(key, b"", (), url, problem=str(e).removeprefix(f"{url}: sample {key!r}: "))
     return _Sample(key, image, labels, url)
 
 
@@ -271,16 +390,44 @@ def _make_sample(url: str, key: str, files: dict[str, bytes], info: DatasetInfo)
 # decoding and augmentation
 
 
+# What PIL raises on damaged JPEG or PNG bytes (its plugins are not uniform); anything else is a bug of ours.
+_PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+
+
+def _check_pixels(sample: _Sample, h: int, w: int) -> None:
+    if h * w > MAX_IMAGE_PIXELS:
+        raise BadSampleError(sample, f"the image claims {w}x{h} pixels, over the limit of {MAX_IMAGE_PIXELS} "
+                                     "(a decompression bomb, or a shard `mixer prepare` did not write)")
+
+
+def _open_image(sample: _Sample) -> Image.Image:
+    """PIL's lazy open (the header only) of a JPEG or PNG within the pixel limit."""
+    try:
+        with warnings.catch_warnings():
+            # PIL's own, higher limit: past it PIL warns, past twice it raises; both mean the same to us.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(sample.image), formats=_IMAGE_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadSampleError(sample, f"refused as a decompression bomb ({e})") from e
+    except UnidentifiedImageError as e:  # its message names a BytesIO object: no text the same on every reader
+        raise BadSampleError(sample, "not a JPEG or PNG image, or its header is damaged") from e
+    except _PIL_ERRORS as e:
+        raise BadSampleError(sample, f"cannot read the image header ({e})") from e
+    _check_pixels(sample, image.height, image.width)
+    return image
+
+
 def _image_size(sample: _Sample) -> tuple[int, int]:
+    """(height, width) from the header alone; BadSampleError for a sample that cannot be used."""
+    if sample.problem is not None:
+        raise BadSampleError(sample, sample.problem)
     try:
         h, w, _, _ = simplejpeg.decode_jpeg_header(sample.image)
-        return h, w
     except ValueError:
-        try:
-            w, h = Image.open(io.BytesIO(sample.image)).size
-            return h, w
-        except OSError as e:
-            raise DatasetError(f"{sample.shard_url}: sample {sample.key!r}: cannot read the image ({e})") from e
+        image = _open_image(sample)
+        return image.height, image.width
+    _check_pixels(sample, h, w)
+    return h, w
 
 
 def _decode(sample: _Sample, min_height: int, min_width: int) -> torch.Tensor:
@@ -289,10 +436,12 @@ def _decode(sample: _Sample, min_height: int, min_width: int) -> torch.Tensor:
     try:
         array = simplejpeg.decode_jpeg(sample.image, colorspace="RGB", min_height=min_height, min_width=min_width)
     except ValueError:
+        # Not only PNGs: PIL also takes JPEGs libjpeg-turbo refuses in strict mode (CMYK, extraneous bytes).
+        image = _open_image(sample)
         try:
-            array = np.array(Image.open(io.BytesIO(sample.image)).convert("RGB"))
-        except OSError as e:
-            raise DatasetError(f"{sample.shard_url}: sample {sample.key!r}: cannot decode the image ({e})") from e
+            array = np.array(image.convert("RGB"))
+        except _PIL_ERRORS as e:
+            raise BadSampleError(sample, f"cannot decode the image ({e})") from e
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
@@ -371,31 +520,72 @@ def _targets(labels: Sequence[tuple[int, ...]], num_classes: int) -> torch.Tenso
 # training stream
 
 
+class _StreamCursor:
+    """Stream `stream` of epoch `epoch` read position by position from `start`, bad samples replaced by the rule
+    of the module docstring."""
+
+    def __init__(self, info: DatasetInfo, cfg: StreamConfig, epoch: int, stream: int, start: int):
+        split = info.split(cfg.split)
+        self.length = batches_per_epoch(split.samples, cfg.streams, cfg.global_batch) * (cfg.global_batch //
+                                                                                         cfg.streams)
+        self.windows = _stream_windows(split, cfg.seed, epoch, stream, stream * (split.samples // cfg.streams),
+                                       self.length)
+        self.info, self.split, self.cfg, self.epoch, self.stream = info, split, cfg, epoch, stream
+        self.position = start
+        self._source = _stream_samples(info, split, self.windows, start)
+        self._ahead: deque[_Sample] = deque()  # read past `position` while looking for a replacement
+
+    def take(self, randaug: v2.RandAugment | None) -> tuple[torch.Tensor, _Sample, SkippedSample | None]:
+        """The next position's image, the sample it shows, and the bad sample that was there (None if good)."""
+        i, sample = self.position, self._ahead.popleft() if self._ahead else next(self._source)
+        self.position += 1
+        seed = _seed(_SAMPLE, self.cfg.seed, self.epoch, self.stream, i)
+        try:
+            return _train_image(sample, self.cfg, seed, randaug), sample, None
+        except BadSampleError as e:
+            skipped = SkippedSample(sample.key, sample.shard_url, e.reason, self.epoch, self.stream, i)
+        for candidate in self._replacements(i):
+            try:
+                return _train_image(candidate, self.cfg, seed, randaug), candidate, skipped
+            except BadSampleError:
+                continue
+        raise DatasetError(f"{self.info.url}: no sample of stream {self.stream} in epoch {self.epoch} can be used "
+                           f"(the first: {skipped.shard}: {skipped.key!r}: {skipped.reason}); check the dataset "
+                           f"with `mixer verify {self.info.url}` and prepare it again")
+
+    def _replacements(self, i: int) -> Iterator[_Sample]:
+        """The stream's samples after position i, then those before it. The ones after stay queued for their own
+        positions; the ones before are read again (rare: only for bad samples near the end of the epoch)."""
+        for k in itertools.count():
+            if k == len(self._ahead):
+                if i + 1 + k >= self.length:
+                    break
+                self._ahead.append(next(self._source))
+            yield self._ahead[k]
+        yield from itertools.islice(_stream_samples(self.info, self.split, self.windows, 0), i)
+
+
 def _produce_train(info: DatasetInfo, cfg: StreamConfig, streams: range, epoch: int,
                    batch: int) -> Iterator[_Chunk]:
     """Chunks of `streams` (a contiguous block) for every batch from (epoch, batch) on, forever."""
-    split = info.split(cfg.split)
     per_stream = cfg.global_batch // cfg.streams
-    stream_len = split.samples // cfg.streams
-    batches = batches_per_epoch(split.samples, cfg.streams, cfg.global_batch)
+    batches = batches_per_epoch(info.split(cfg.split).samples, cfg.streams, cfg.global_batch)
     randaug = None
     if cfg.randaug_layers > 0:
         randaug = v2.RandAugment(num_ops=cfg.randaug_layers, magnitude=cfg.randaug_magnitude)
     while True:
-        sources = [
-            _stream_samples(info, split, _stream_windows(split, cfg.seed, epoch, c, c * stream_len,
-                                                         batches * per_stream), batch * per_stream)
-            for c in streams
-        ]
+        cursors = [_StreamCursor(info, cfg, epoch, c, batch * per_stream) for c in streams]
         for b in range(batch, batches):
-            images, labels, keys = [], [], []
-            for c, source in zip(streams, sources, strict=True):
-                for i in range(b * per_stream, (b + 1) * per_stream):
-                    sample = next(source)
-                    images.append(_train_image(sample, cfg, _seed(_SAMPLE, cfg.seed, epoch, c, i), randaug))
-                    labels.append(sample.labels)
-                    keys.append(sample.key)
-            yield _Chunk(torch.stack(images), labels, keys, epoch, b, streams.start)
+            images, samples, skipped = [], [], []
+            for cursor in cursors:
+                for _ in range(per_stream):
+                    image, sample, bad = cursor.take(randaug)
+                    images.append(image)
+                    samples.append(sample)
+                    if bad is not None:
+                        skipped.append(bad)
+            yield _Chunk(torch.stack(images), [s.labels for s in samples], [s.key for s in samples], epoch, b,
+                         streams.start, skipped)
         epoch, batch = epoch + 1, 0
 
 
@@ -480,7 +670,7 @@ class TrainStream:
                     part = t[rows]
                     t[rows] = part * lam + part.flip(0) * (1 - lam)
             images.clamp_(-1.0, 1.0)
-        return Batch(images, targets, [k for c in chunks for k in c.keys])
+        return Batch(images, targets, [k for c in chunks for k in c.keys], [s for c in chunks for s in c.skipped])
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch": self.batch, **self._identity()}
@@ -523,7 +713,11 @@ def _produce_eval(info: DatasetInfo, shards: list[Shard], image_size: int, resiz
     images, labels, keys = [], [], []
     for shard in shards:
         for _, sample in _read_shard(info, shard, None, shard.samples):
-            images.append(_eval_image(sample, image_size, resize))
+            try:
+                images.append(_eval_image(sample, image_size, resize))
+            except BadSampleError as e:
+                log.warning("%s; left out of the evaluation", e)
+                continue
             labels.append(sample.labels)
             keys.append(sample.key)
             if len(images) == batch_size:
@@ -552,9 +746,6 @@ def eval_batches(info: DatasetInfo, split: str, image_size: int, batch_size: int
     short side resized to `resize` (default image_size * 8 / 7), centre crop, no augmentation."""
     shards = info.split(split).shards[rank::world_size]
     resize = resize or round(image_size * 8 / 7)
-    if resize < image_size:
-        raise ValueError(f"eval resize {resize} is smaller than the image size {image_size}; the centre crop needs "
-                         "at least image_size pixels on the short side")
     if loader_workers:
         source = _EvalSource(info, shards, image_size, resize, batch_size)
         chunks: Iterator[_Chunk] = iter(DataLoader(source, batch_size=None, num_workers=loader_workers,

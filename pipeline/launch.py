@@ -3,24 +3,38 @@
 `run` takes a spec that pipeline/run.py has resolved (checked, saved with the run) and maps it onto Ray Train:
 one worker per rank with its CPUs and GPUs, gloo or NCCL, and FailureConfig restarts of the worker group when a
 worker dies; restarted workers resume from the newest committed checkpoint on their own.
+
+Each `run` is one launch with its own id (`MIXER_LAUNCH_ID` in its workers): the run's lease is held in that id's
+name, so workers Ray Train restarts re-take it, another launch is refused, and `run` drops it once the workers are
+gone, however they ended.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import uuid
 from typing import Any
 
 from pipeline import config as config_lib
+from pipeline import lease
 from pipeline.config import Spec
 
-# Environment the workers need whatever the cluster's defaults: DeepSpeed's CPU accelerator when there is no GPU.
-WORKER_ENV = ("DS_ACCELERATOR", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION")
+log = logging.getLogger(__name__)
+
+# Environment the workers need whatever the cluster's defaults: DeepSpeed's CPU accelerator when there is no GPU;
+# the driver's object store; its storage retry budget and shard verification when set there (the trainer sets both
+# from the spec as well: pipeline.storage.RETRY_ENV, pipeline.data.VERIFY_ENV).
+WORKER_ENV = ("DS_ACCELERATOR", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+              "MIXER_IO_RETRY_S", "MIXER_DATA_VERIFY")
 
 
 def _worker(cfg: dict[str, Any]) -> None:
     for key, value in cfg["env"].items():
         os.environ.setdefault(key, value)
+    # Not setdefault: a worker process is this launch's whatever its environment says.
+    os.environ[lease.LAUNCH_ENV] = cfg["launch_id"]
     from pipeline.train import train
 
     train(config_lib.from_dict(cfg["spec"]), resume_from=cfg["resume_from"])
@@ -35,6 +49,7 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
     from pipeline.ray_cluster import init_ray
 
     init_ray(ray_address)
+    launch = f"mixer-train-{uuid.uuid4().hex[:16]}"
     c = spec.cluster
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
     if c.gpus_per_worker == 0:
@@ -44,7 +59,7 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
         resources["GPU"] = c.gpus_per_worker
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"spec": spec.to_dict(), "resume_from": resume_from, "env": env},
+        train_loop_config={"spec": spec.to_dict(), "resume_from": resume_from, "env": env, "launch_id": launch},
         scaling_config=ray.train.ScalingConfig(num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if c.gpus_per_worker else "gloo"),
@@ -54,4 +69,18 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
         ),
     )
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    finally:
+        _release(spec.run.url, launch)
+
+
+def _release(run_url: str, launch: str) -> None:
+    """Drop the run's lease if the workers left it held (they failed for good): the next launch need not wait
+    for it to expire. Never masks how the workers ended."""
+    try:
+        if lease.release_if_held(run_url, launch):
+            log.info("%s: released the lease of launch %s, whose workers have ended", run_url, launch)
+    except Exception as e:
+        log.warning("%s: could not release the lease of launch %s (%s: %s); it expires on its own", run_url,
+                    launch, type(e).__name__, e)

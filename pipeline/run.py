@@ -5,8 +5,8 @@
 
 1. `load_spec`: the YAML with `--set` overrides, `--workers N` as `cluster.workers=N`, validated;
 2. `absolute_paths`: relative local paths made absolute, since workers run elsewhere;
-3. `preflight`: what the dataset and the run folder decide (splits, classes, shards per stream, and whether the
-   run's checkpoints were written by this same spec);
+3. `preflight`: what the dataset and the run folder decide (splits, classes, shards per stream, whether the
+   run's checkpoints were written by this same spec, and whether another launch holds the run's lease);
 4. `save_config`: `RUN/config.yaml`, the resolved spec.
 Every problem is a `SpecError` that names the key or URL and what to change.
 """
@@ -17,10 +17,11 @@ import copy
 import os
 
 from pipeline import config as config_lib
-from pipeline import data, storage
+from pipeline import data, lease, storage
 from pipeline.checkpoint import CheckpointStore
 from pipeline.config import Spec, SpecError
 from pipeline.dataset_json import DatasetError
+from pipeline.lease import LeaseError
 
 CONFIG_NAME = "config.yaml"
 
@@ -40,11 +41,16 @@ def absolute_paths(spec: Spec, base: str | None = None) -> tuple[Spec, list[str]
     return spec, config_lib.absolute_local_paths(spec, base or os.getcwd())
 
 
-def preflight(spec: Spec, *, resume: bool = True, resume_from: str | None = None) -> None:
-    """Fail fast, before any worker or engine, with a message that says what to change."""
+def preflight(spec: Spec, *, resume: bool = True, resume_from: str | None = None, check_lease: bool = True) -> None:
+    """Fail fast, before any worker or engine, with a message that says what to change. `check_lease`: refuse a
+    run URL another launch holds (the process that will write the run's config checks it; the trainer's own
+    conditional take of the lease is what settles a race)."""
+    if check_lease:
+        _check_lease(spec)
     try:
         info = data.check_dataset(spec.data.dataset)
         data.check_split(info, spec.data.train_split, spec.data.streams, spec.batch.global_)
+        data.check_shards_present(info, [spec.data.train_split, spec.data.eval_split])
     except DatasetError as e:
         raise SpecError(f"data.dataset: {e}") from e
     if spec.model.num_classes is not None and spec.model.num_classes != info.num_classes:
@@ -56,6 +62,18 @@ def preflight(spec: Spec, *, resume: bool = True, resume_from: str | None = None
         raise SpecError(f"data.eval_split: {spec.data.eval_split!r} is not in {spec.data.dataset} (it has "
                         f"{', '.join(info.splits)}); name one of those, or null for no evaluation")
     _check_run_identity(spec, resume=resume, resume_from=resume_from)
+
+
+def _check_lease(spec: Spec) -> None:
+    """One writer per run URL: a live lease of another launch refuses this one, naming its holder."""
+    try:
+        holder = lease.live_holder(spec.run.url)
+    except LeaseError as e:
+        raise SpecError(f"run.url: {e}") from e
+    if holder is not None:
+        raise SpecError(
+            f"run.url: {spec.run.url} is in use by {lease.describe(holder)} (see {lease.lease_url(spec.run.url)}); "
+            "wait for that run to end, or, if it died, for its lease to expire; or use another run.url")
 
 
 def _check_run_identity(spec: Spec, *, resume: bool, resume_from: str | None) -> None:
@@ -78,14 +96,20 @@ def _check_run_identity(spec: Spec, *, resume: bool, resume_from: str | None) ->
 
 
 def save_config(spec: Spec) -> None:
-    storage.write_bytes_atomic(storage.join(spec.run.url, CONFIG_NAME), spec.to_yaml().encode())
+    """Write RUN/config.yaml: also the proof, before any worker starts, that the run URL takes writes."""
+    url = storage.join(spec.run.url, CONFIG_NAME)
+    try:
+        storage.write_bytes_atomic(url, spec.to_yaml().encode())
+    except (PermissionError, OSError) as e:
+        raise SpecError(f"run.url: cannot write {url} ({type(e).__name__}: {e}); check the credentials, the "
+                        "bucket or folder permissions, or choose another run.url") from e
 
 
 def resolve(spec: Spec, *, resume: bool = True, resume_from: str | None = None, write: bool = True) -> Spec:
     """The spec a run trains with: absolute paths, checked against its dataset and run folder, saved with the run
     (`write`: only one process of a launch writes it)."""
     spec, _ = absolute_paths(spec)
-    preflight(spec, resume=resume, resume_from=resume_from)
+    preflight(spec, resume=resume, resume_from=resume_from, check_lease=write)
     if write:
         save_config(spec)
     return spec

@@ -29,6 +29,8 @@ from pipeline.checkpoint import CheckpointStore, StepRecord
 from pipeline.config import Spec
 from pipeline.dataset_json import DatasetInfo
 from pipeline.evaluate import evaluate, loss_fn
+from pipeline.lease import Lease, LeaseError
+from pipeline.skips import SkipLog
 from pipeline.units import format_duration
 
 log = logging.getLogger("mixer.train")
@@ -80,14 +82,18 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
     stop_at = min(parts.shape.total_steps, spec.run.stop_after or parts.shape.total_steps)
     progress = _progress(parts.rank, state.step, parts.shape.total_steps)
     window = LossWindow(torch.zeros((), device=parts.device))
+    skips = SkipLog(spec, enabled=parts.rank == 0, resume_step=state.step)
     last_eval: dict[str, float] = {}
     batches = iter(state.stream)
     while state.step < stop_at:
-        window.add(train_step(parts, next(batches)))
+        batch = next(batches)
+        window.add(train_step(parts, batch))
         state.step += 1
+        skips.add(state.step, batch.skipped)
         if due(state.step, spec.run.log_every, parts.shape.total_steps):
-            log_train(parts, state.step, window, progress)
+            log_train(parts, state.step, window, progress, skips)
         if due(state.step, spec.checkpoint.every_steps, stop_at):
+            skips.settle(state.step, parts.metrics)  # a resume from this step must find every skip up to it on file
             save(parts, state)
         if spec.data.eval_split and due(state.step, spec.eval.every_steps, parts.shape.total_steps):
             last_eval = evaluate(parts.engine, spec, parts.info, parts.rank, parts.world_size, parts.device,
@@ -110,9 +116,12 @@ def due(step: int, every: int, last: int) -> bool:
 
 def build(spec: Spec) -> Parts:
     """Join the process group, pick the device, and build the data stream's shape, the model, the DeepSpeed engine
-    and the checkpoint store."""
+    and the checkpoint store. The run's lease is taken first: a run URL in use fails here, before any engine."""
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
+    storage.set_retry_budget(spec.run.io_retry_s)
+    data.set_verify(spec.data.verify)
+    held = take_lease(spec, rank)
     on_gpu = torch.cuda.is_available() and spec.cluster.gpus_per_worker > 0
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
     if on_gpu:
@@ -125,10 +134,34 @@ def build(spec: Spec) -> Parts:
     seed_everything(spec.seed, 0, rank)
     net = build_model(spec, spec.model.num_classes or info.num_classes)
     engine = optim.build_engine(spec, net, shape, on_gpu)
-    store = CheckpointStore(spec.run.url, keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every)
+    store = CheckpointStore(spec.run.url, keep_last=spec.checkpoint.keep_last, keep_every=spec.checkpoint.keep_every,
+                            staging_dir=spec.checkpoint.staging_dir, lease=held)
+    store.check_staging(engine)
     peak = metrics.peak_flops(torch.cuda.get_device_name(device)) if on_gpu else None
     return Parts(spec, rank, world_size, device, info, stream, shape, engine, store,
                  model_config=net.init_kwargs(), flops_per_image=3 * net.forward_flops(), peak_flops=peak)
+
+
+def take_lease(spec: Spec, rank: int) -> Lease | None:
+    """Collective: rank 0 takes the run's lease (one writer per run URL; workers restarted within the same launch
+    re-take it) and renews it while the process lives. A refusal, which names the holder, is raised on every rank.
+    Returns the lease on rank 0, None elsewhere."""
+    held, refused = None, None
+    if rank == 0:
+        lease = Lease(spec.run.url, ttl_s=spec.run.lease_ttl_s)
+        try:
+            lease.take()
+            lease.start_renewing()
+            held = lease
+        except LeaseError as e:
+            refused = str(e)
+        except Exception as e:  # the store itself failing: still every rank must hear of it
+            refused = f"{lease.url}: cannot take the run's lease ({type(e).__name__}: {e})"
+    box = [refused]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise LeaseError(box[0])
+    return held
 
 
 def build_model(spec: Spec, num_classes: int) -> torch.nn.Module:
@@ -203,10 +236,12 @@ class LossWindow:
         self.steps, self.started = 0, time.perf_counter()
 
 
-def log_train(parts: Parts, step: int, window: LossWindow, progress: Any) -> None:
-    """One all-reduce per log interval, not per step: the loss logged is the global mean over the window."""
+def log_train(parts: Parts, step: int, window: LossWindow, progress: Any, skips: SkipLog) -> None:
+    """One all-reduce per log interval, not per step: the loss logged is the global mean over the window. Then,
+    with the record logged, the run stops if it skipped too many samples."""
     spec, shape = parts.spec, parts.shape
     dist.all_reduce(window.loss_sum)
+    skipped = skips.gather(step)
     step_time = (time.perf_counter() - window.started) / window.steps
     images_per_s = spec.batch.global_ / step_time
     grad_norm = parts.engine.get_global_grad_norm()
@@ -217,13 +252,14 @@ def log_train(parts: Parts, step: int, window: LossWindow, progress: Any) -> Non
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "images_per_s": images_per_s, "step_time_s": step_time,
         "mfu": metrics.mfu(images_per_s, parts.flops_per_image, parts.peak_flops, parts.world_size),
-        "eta_s": step_time * (shape.total_steps - step),
+        "eta_s": step_time * (shape.total_steps - step), "skipped_samples": skipped,
     }
     parts.metrics.log(record)
     if progress is not None:
         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.0f}",
                              eta=format_duration(record["eta_s"]))
     window.reset()
+    skips.stop_if_over(parts.metrics)
 
 
 def save(parts: Parts, state: TrainState) -> None:
@@ -236,7 +272,7 @@ def save(parts: Parts, state: TrainState) -> None:
 
 
 def finish(parts: Parts, state: TrainState, last_eval: dict[str, float], progress: Any) -> dict[str, Any]:
-    """Wait for the last upload; when the schedule is done, export the fp32 weights (rank 0)."""
+    """Wait for the last upload; when the schedule is done, export the fp32 weights (rank 0); release the run."""
     parts.store.wait()
     state.stream.close()
     dist.barrier()
@@ -251,6 +287,8 @@ def finish(parts: Parts, state: TrainState, last_eval: dict[str, float], progres
     parts.metrics.close()
     if progress is not None:
         progress.close()
+    if parts.store.lease is not None:  # rank 0, the run's writes all done: the next launch may take the URL
+        parts.store.lease.release()
     dist.barrier()
     return {"step": state.step, "eval": last_eval, "export": export_url, "stopped": not done}
 

@@ -53,7 +53,7 @@ def write_dataset(url: str, sizes: list[int], tmp: str, multi_label: bool = Fals
                     _add(tar, f"{key}.cls", str(int(rng.integers(0, NUM_CLASSES))).encode())
         name = os.path.basename(local)
         storage.put_file_atomic(local, storage.join(url, name))
-        shards.append(Shard(name, count, os.path.getsize(local), "0" * 64))
+        shards.append(Shard(name, count, *storage.sha256_of(local)))
     half = len(shards) // 2
     info = DatasetInfo(url=url, classes=[f"c{i}" for i in range(NUM_CLASSES)], multi_label=multi_label,
                        splits={"train": Split(shards), "val": Split(shards[:half])})
