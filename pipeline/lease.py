@@ -204,13 +204,8 @@ def _encode(record: dict[str, Any]) -> bytes:
 
 
 def _decode(data: bytes, url: str) -> dict[str, Any]:
-    try:
-        record = json.loads(data)
-    except ValueError as e:
-        raise LeaseError(f"{url}: unreadable lease ({e}); if no run is using this run.url, delete it") from e
-    if not isinstance(record, dict):
-        raise LeaseError(f"{url}: unreadable lease (not a JSON object); if no run is using this run.url, delete it")
-    return record
+    return storage.json_object(data, f"{url}: unreadable lease (if no run is using this run.url, delete it)",
+                               LeaseError)
 
 
 # ---- compare-and-swap on one object: (record, version) reads, and writes that name the version they replace ----

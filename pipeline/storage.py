@@ -394,19 +394,23 @@ def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
 
 
+def json_object(text: str | bytes, where: str, error: type[Exception]) -> dict[str, Any]:
+    """`text` parsed as one JSON object; anything else raises `error`, naming `where`."""
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise error(f"{where}: not a JSON object ({e})") from e
+    if not isinstance(obj, dict):
+        raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def json_lines(text: str, where: str, error: type[Exception]) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each line of JSON Lines `text`, blank lines skipped; a line that is not a JSON
     object raises `error`, naming `where` and the line."""
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise error(f"{where}, line {number}: not a JSON object ({e})") from e
-        if not isinstance(obj, dict):
-            raise error(f"{where}, line {number}: expected a JSON object, got {type(obj).__name__}")
-        yield number, obj
+        if line.strip():
+            yield number, json_object(line, f"{where}, line {number}", error)
 
 
 def _publish(tmp: str, path: str) -> None:
