@@ -1,18 +1,22 @@
-"""`mixer prepare`: list the source, plan the shards, run one Ray task per shard, then publish dataset.json.
+"""`mixer prepare`: list and plan the source with Ray tasks, run one Ray task per shard, then publish dataset.json.
 
-Re-running the same command finishes an interrupted run: shards whose stats match the published tar are kept,
-the rest are redone. The options and the plan's digest are recorded in `DEST/_progress/plan.json` first, and a
-run with different options or a changed source is refused rather than mixed into the old shards.
-`DEST/rejected.jsonl` and `DEST/dataset.json` are written last, in that order.
+Re-running the same command finishes an interrupted run: shards whose recorded stats still name the published
+object are kept (without reading them), the rest are redone. The options and the plan's digest are recorded in
+`DEST/_progress/plan.json` first, and a run with different options or a changed source is refused rather than mixed
+into the old shards. `DEST/rejected.jsonl` and `DEST/dataset.json` are written last, in that order. With
+`plan_only`, the plan record is all that is written.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import os
 import sys
+import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,9 +24,9 @@ import ray
 from tqdm import tqdm
 
 from data_prep.images import ImagePolicy
-from data_prep.plan import SPLITS, DatasetPlan, PlanOptions, ShardPlan, plan_dataset
-from data_prep.shard import PROGRESS, write_shard
-from data_prep.sources import Listing, list_source
+from data_prep.plan import SPLITS, Plan, PlanOptions, ShardSpec, plan_source
+from data_prep.shard import PROGRESS, completed_shards, write_shard
+from data_prep.sources import partitions
 from pipeline import dataset_json, ray_cluster, storage
 from pipeline.errors import MixerError
 
@@ -62,33 +66,35 @@ def prepare(
     ray_address: str | None = None,
     retries: int = 4,
     progress: bool = True,
+    plan_only: bool = False,
 ) -> dict[str, Any]:
     """Prepare `source` into a sharded dataset at `dest`; returns the summary it prints."""
     options = options or PrepareOptions()
     options.check()
     started = time.perf_counter()
     source, dest = source.rstrip("/"), dest.rstrip("/")
-    listing = list_source(source, options.layout, options.classes_file)
-    for note in listing.notes:
-        print(f"note: {note}", file=sys.stderr)
-    plan = plan_dataset(listing, options)
-    _claim(dest, source, listing, plan, options)
-    _remove_temporaries(dest)
-
+    parts = partitions(source, options.layout)
     ray_cluster.init_ray(ray_address)
     workers = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    tasks_started = time.perf_counter()
-    stats = _run(plan, dest, options.policy(), listing, workers, retries, progress)
-    task_seconds = time.perf_counter() - tasks_started
+    plan = plan_source(parts, options, classes_file=options.classes_file, workers=workers)
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    _claim(dest, source, plan, options)
+    if plan_only:
+        summary = _plan_summary(dest, plan, len(parts.parts), time.perf_counter() - started)
+        print(format_plan(summary))
+        return summary
+    _remove_temporaries(dest)
 
-    rejected = sorted(listing.rejected + [r for s in stats.values() for r in s["rejected"]],
-                      key=lambda r: (r["source"], r["reason"]))
-    info = _dataset_info(dest, source, listing, plan, stats, options, len(rejected))
+    tasks_started = time.perf_counter()
+    with tempfile.TemporaryFile(prefix="mixer-rejected-") as spool:
+        stats, spooled = _run(plan, dest, options.policy(), workers, retries, progress, spool)
+        task_seconds = time.perf_counter() - tasks_started
+        reasons = _write_rejected(dest, plan, spool, spooled)
+    info = _dataset_info(dest, source, plan, stats, options, sum(reasons.values()))
     if info.inputs != info.samples + info.rejected:
         raise PrepareError(f"internal error: {info.inputs} inputs but {info.samples} samples + {info.rejected} "
                            "rejected; dataset.json not written")
-    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected)
-    storage.write_bytes_atomic(storage.join(dest, "rejected.jsonl"), lines.encode())
     dataset_json.save(info)
 
     seconds = time.perf_counter() - started
@@ -98,12 +104,13 @@ def prepare(
         "inputs": info.inputs,
         "samples": {name: split.samples for name, split in info.splits.items()},
         "shards": {name: len(split.shards) for name, split in info.splits.items()},
-        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "rejected": dict(sorted(reasons.items())),
         "bytes": sum(split.bytes for split in info.splits.values()),
         "seconds": round(seconds, 2),
         "images_per_s": round(processed / task_seconds, 1),
         "shards_written": sum(not s["skipped"] for s in stats.values()),
         "shards_skipped": sum(s["skipped"] for s in stats.values()),
+        "plan_sha256": plan.digest,
     }
     print(format_summary(summary))
     return summary
@@ -120,10 +127,34 @@ def format_summary(s: dict[str, Any]) -> str:
     )
 
 
-def _claim(dest: str, source: str, listing: Listing, plan: DatasetPlan, options: PrepareOptions) -> None:
+def format_plan(s: dict[str, Any]) -> str:
+    splits = ", ".join(f"{name} {n:,} samples in {s['shards'][name]:,} shards" for name, n in s["samples"].items())
+    reasons = ", ".join(f"{reason} {n:,}" for reason, n in s["rejected"].items()) or "none"
+    return (
+        f"plan for {s['dest']} ({s['layout']}, {s['partitions']:,} partitions): {s['inputs']:,} inputs, "
+        f"{s['classes']:,} classes{' (multi-label)' if s['multi_label'] else ''} -> {splits}\n"
+        f"  refused while listing and planning: {sum(s['rejected'].values()):,} ({reasons}); images are checked "
+        "when the shards are made\n"
+        f"  plan sha256 {s['plan_sha256']}, recorded in {s['record']}; planned in {s['seconds']:.1f} s\n"
+        "  run the same command without --plan-only to make the shards"
+    )
+
+
+def _plan_summary(dest: str, plan: Plan, partitions: int, seconds: float) -> dict[str, Any]:
+    shards = Counter(spec.split for spec in plan.shards)
+    return {
+        "dest": dest, "layout": plan.layout, "partitions": partitions, "inputs": plan.inputs,
+        "classes": len(plan.classes), "multi_label": plan.multi_label, "samples": plan.split_sizes(),
+        "shards": {split: shards[split] for split in SPLITS if shards[split]}, "rejected": plan.rejected_counts,
+        "plan_sha256": plan.digest, "record": storage.join(dest, PROGRESS, "plan.json"),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions) -> None:
     """Record what this run makes, or check it against what an earlier run into `dest` was making."""
-    record = {"source": source, **asdict(options), "layout": listing.layout,
-              "inputs": listing.inputs, "shards": len(plan.shards), "plan_sha256": plan.digest}
+    record = {"source": source, **asdict(options), "layout": plan.layout,
+              "inputs": plan.inputs, "shards": len(plan.shards), "plan_sha256": plan.digest}
     url = storage.join(dest, PROGRESS, "plan.json")
     try:
         previous = storage.read_json(url)
@@ -140,7 +171,7 @@ def _claim(dest: str, source: str, listing: Listing, plan: DatasetPlan, options:
     if previous.get("plan_sha256") != plan.digest:
         raise PrepareError(
             f"{dest} holds a run of the same options, but the source changed since ({previous.get('inputs')} "
-            f"inputs then, {listing.inputs} now; {url} records the plan). {start_over}"
+            f"inputs then, {plan.inputs} now; {url} records the plan). {start_over}"
         )
 
 
@@ -156,33 +187,56 @@ def _remove_temporaries(dest: str) -> None:
                     os.unlink(os.path.join(folder, name))
 
 
+def _spool(spool, rejected: list[dict[str, str]]) -> tuple[int, int]:
+    """Park a shard's refused inputs on local disk, so the driver does not hold them; (offset, length)."""
+    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejected).encode()
+    spool.seek(0, os.SEEK_END)
+    offset = spool.tell()
+    spool.write(data)
+    return offset, len(data)
+
+
 def _run(
-    plan: DatasetPlan, dest: str, policy: ImagePolicy, listing: Listing, workers: int, retries: int, progress: bool
-) -> dict[str, dict[str, Any]]:
-    """Every shard through a Ray task, at most `workers` at a time; a failed shard (exception or lost worker) is
-    retried after an exponential backoff, up to `retries` times."""
-    task = ray.remote(write_shard).options(num_cpus=1, max_retries=0)
-    classes = ray.put(listing.classes)
-    queue: list[tuple[float, int, ShardPlan]] = [(0.0, 0, shard) for shard in plan.shards]  # (not before, try, shard)
-    running: dict[Any, tuple[int, ShardPlan]] = {}
+    plan: Plan, dest: str, policy: ImagePolicy, workers: int, retries: int, progress: bool, spool,
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[int, int]]]:
+    """Every shard not already complete through a Ray task, at most `workers` at a time; a failed shard (exception
+    or lost worker) is retried after an exponential backoff, up to `retries` times. Each event costs the same however
+    many shards are queued: ready shards wait in a deque, retries in a heap by time."""
+    task = ray.remote(write_shard).options(num_cpus=1, max_retries=0, num_returns=2)
+    classes = ray.put(plan.classes)
     stats: dict[str, dict[str, Any]] = {}
+    spooled: dict[str, tuple[int, int]] = {}
+    for name, done in completed_shards(dest, [s.name for s in plan.shards]).items():
+        spooled[name] = _spool(spool, done.pop("rejected", []))
+        stats[name] = {**done, "skipped": True}
+    ready: deque[tuple[int, ShardSpec]] = deque((0, s) for s in plan.shards if s.name not in stats)
+    waiting: list[tuple[float, int, int, ShardSpec]] = []  # (not before, tie-break, attempt, shard)
+    running: dict[Any, tuple[int, ShardSpec, Any]] = {}
     failed: dict[str, str] = {}
+    tie_break = itertools.count()
     images, started = 0, time.perf_counter()
-    bar = tqdm(total=len(plan.shards), unit="shard", desc="prepare", disable=not progress, file=sys.stderr)
-    while queue or running:
+    bar = tqdm(total=len(plan.shards), initial=len(stats), unit="shard", desc="prepare", disable=not progress,
+               file=sys.stderr)
+    while ready or waiting or running:
         now = time.monotonic()
-        for entry in [e for e in queue if e[0] <= now][: max(0, workers - len(running))]:
-            queue.remove(entry)
-            _, attempt, shard = entry
-            running[task.remote(shard, dest, policy, classes, listing.multi_label)] = (attempt, shard)
+        while waiting and waiting[0][0] <= now:
+            _, _, attempt, shard = heapq.heappop(waiting)
+            ready.append((attempt, shard))
+        while ready and len(running) < workers:
+            attempt, shard = ready.popleft()
+            pieces = plan.pieces(shard)
+            ref, rejected = task.remote(shard, pieces, dest, policy, classes, plan.multi_label,
+                                        *[plan.tables[p.bucket] for p in pieces])
+            running[ref] = (attempt, shard, rejected)
         if not running:
-            time.sleep(max(0.0, min(e[0] for e in queue) - now))
+            time.sleep(max(0.0, waiting[0][0] - now))
             continue
-        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0 if queue else None)
+        done, _ = ray.wait(list(running), num_returns=1, timeout=1.0 if waiting else None)
         for ref in done:
-            attempt, shard = running.pop(ref)
+            attempt, shard, rejected = running.pop(ref)
             try:
                 result = ray.get(ref)
+                spooled[shard.name] = _spool(spool, ray.get(rejected))
             except ray.exceptions.RayError as e:
                 reason = _short_error(e)
                 if attempt + 1 > retries:
@@ -192,11 +246,10 @@ def _run(
                 delay = min(MAX_BACKOFF_S, 2.0**attempt)
                 tqdm.write(f"{shard.name}: attempt {attempt + 1} failed ({reason}); retrying in {delay:.0f} s",
                            file=sys.stderr)
-                queue.append((time.monotonic() + delay, attempt + 1, shard))
+                heapq.heappush(waiting, (time.monotonic() + delay, next(tie_break), attempt + 1, shard))
                 continue
-            stats[shard.name] = result
-            if not result["skipped"]:
-                images += result["inputs"]
+            stats[shard.name] = {**result, "skipped": False}
+            images += result["inputs"]
             bar.update()
             bar.set_postfix_str(f"{images / (time.perf_counter() - started):.1f} images/s")
     bar.close()
@@ -206,7 +259,26 @@ def _run(
             f"{len(failed)} of {len(plan.shards)} shards failed after {retries + 1} attempts; dataset.json not "
             f"written. Fix the cause and re-run the same command: completed shards are kept.\n{listed}"
         )
-    return stats
+    return stats, spooled
+
+
+def _write_rejected(dest: str, plan: Plan, spool, spooled: dict[str, tuple[int, int]]) -> Counter:
+    """`DEST/rejected.jsonl`: the inputs refused while planning (in plan order), then those refused while making
+    the shards (shard after shard), streamed through a local file and published at once; counts by reason."""
+    reasons: Counter = Counter()
+    with tempfile.NamedTemporaryFile(prefix="mixer-rejected-", suffix=".jsonl") as out:
+        for record in plan.rejected():
+            out.write((json.dumps(record, sort_keys=True) + "\n").encode())
+            reasons[record["reason"]] += 1
+        for shard in plan.shards:
+            offset, length = spooled[shard.name]
+            spool.seek(offset)
+            data = spool.read(length)
+            out.write(data)
+            reasons.update(json.loads(line)["reason"] for line in data.splitlines())
+        out.flush()
+        storage.put_file_atomic(out.name, storage.join(dest, "rejected.jsonl"))
+    return reasons
 
 
 def _short_error(e: Exception) -> str:
@@ -218,8 +290,7 @@ def _short_error(e: Exception) -> str:
 
 
 def _dataset_info(
-    dest: str, source: str, listing: Listing, plan: DatasetPlan, stats: dict[str, dict[str, Any]],
-    options: PrepareOptions, rejected: int,
+    dest: str, source: str, plan: Plan, stats: dict[str, dict[str, Any]], options: PrepareOptions, rejected: int,
 ) -> dataset_json.DatasetInfo:
     splits = {}
     for split in SPLITS:
@@ -230,17 +301,17 @@ def _dataset_info(
         ]
         if shards:
             splits[split] = dataset_json.Split(shards)
-    source_info: dict[str, Any] = {"url": source, "layout": listing.layout}
+    source_info: dict[str, Any] = {"url": source, "layout": plan.layout}
     if options.classes_file:
         source_info["classes_file"] = options.classes_file
     return dataset_json.DatasetInfo(
         url=dest,
-        classes=listing.classes,
-        multi_label=listing.multi_label,
+        classes=plan.classes,
+        multi_label=plan.multi_label,
         splits=splits,
         seed=options.seed,
         image_policy={"max_size": options.max_size, "quality": options.quality, "encoding": "jpeg"},
         source=source_info,
-        inputs=listing.inputs,
+        inputs=plan.inputs,
         rejected=rejected,
     )

@@ -1,15 +1,18 @@
 """One output shard: read its inputs, turn them into samples, write a byte-reproducible tar, publish it, record it.
 
 The tar is built in a local temporary file and made visible at `DEST/<name>` only when complete; its stats
-(`DEST/_progress/<name>.json`: samples, bytes, sha256, rejected inputs) are written after it, also atomically.
-A shard counts as done only when its stats exist and the published tar still matches them, so a crash at any
-point costs at most the shard in progress, which the next run redoes.
+(`DEST/_progress/<name>.json`: samples, bytes, sha256, the published object's identity, rejected inputs) are
+written after it, also atomically. A shard counts as done only when its stats exist and the published object is
+still the one they name (its size and the store's version tag, or its modification time on a local disk), so a
+crash at any point costs at most the shard in progress, which the next run redoes, and a re-run over a finished
+dataset reads no shard's bytes (`mixer verify` re-hashes them all).
 """
 
 from __future__ import annotations
 
 import io
 import os
+import posixpath
 import tarfile
 import tempfile
 import time
@@ -18,8 +21,10 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
+
 from data_prep.images import Encoded, ImagePolicy, Rejected, process
-from data_prep.plan import ShardPlan
+from data_prep.plan import Piece, ShardPlan, ShardSpec, shard_from_pieces
 from data_prep.sources import Item, read_item
 from pipeline import storage
 from pipeline.shard_format import encode_sample
@@ -27,6 +32,7 @@ from pipeline.shard_format import encode_sample
 PROGRESS = "_progress"
 READ_THREADS = 8
 READ_AHEAD = 32
+STATS_THREADS = 32
 
 
 def shard_url(dest: str, name: str) -> str:
@@ -37,30 +43,42 @@ def stats_url(dest: str, name: str) -> str:
     return storage.join(dest, PROGRESS, name.removesuffix(".tar") + ".json")
 
 
-def completed(dest: str, name: str) -> dict[str, Any] | None:
-    """The stats of a shard already written and intact, or None when it must be (re)done."""
+def completed_shards(dest: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """The stats of the shards among `names` that are already written and still intact: one listing of DEST for
+    the objects' identities and one small read per finished shard's stats, never a read of a shard's bytes."""
     try:
-        stats = storage.read_json(stats_url(dest, name))
-    except (FileNotFoundError, ValueError):
-        return None
-    if stats.get("samples") == 0:
-        return stats
-    fs, path = storage.filesystem(shard_url(dest, name))
-    try:
-        if fs.size(path) != stats.get("bytes"):
-            return None
+        published = {posixpath.basename(e["name"]): storage.identity(e) for e in storage.ls(dest, detail=True)}
+        recorded = {posixpath.basename(p) for p in storage.ls(storage.join(dest, PROGRESS))}
     except FileNotFoundError:
-        return None
-    return stats if storage.sha256_of(shard_url(dest, name))[1] == stats.get("sha256") else None
+        return {}
+    wanted = [n for n in names if n.removesuffix(".tar") + ".json" in recorded]
+
+    def check(name: str) -> dict[str, Any] | None:
+        try:
+            stats = storage.read_json(stats_url(dest, name))
+        except (FileNotFoundError, ValueError):
+            return None
+        if stats.get("samples") == 0:
+            return stats
+        return stats if stats.get("object") and stats["object"] == published.get(name) else None
+
+    with ThreadPoolExecutor(max_workers=STATS_THREADS) as pool:
+        return {name: stats for name, stats in zip(wanted, pool.map(check, wanted), strict=True) if stats is not None}
 
 
 def write_shard(
+    spec: ShardSpec, pieces: list[Piece], dest: str, policy: ImagePolicy, classes: list[str], multi_label: bool,
+    *tables: pa.Table,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The shard task: gather the shard's samples from the plan's bucket tables, make it; (stats, rejected)."""
+    stats = make_shard(shard_from_pieces(spec, pieces, *tables), dest, policy, classes, multi_label)
+    return stats, stats.pop("rejected")
+
+
+def make_shard(
     shard: ShardPlan, dest: str, policy: ImagePolicy, classes: list[str], multi_label: bool
 ) -> dict[str, Any]:
-    """Make one shard unless it is already complete; return its stats (with "skipped" true when it was)."""
-    done = completed(dest, shard.name)
-    if done is not None:
-        return {**done, "skipped": True}
+    """Make one shard and return its stats."""
     started = time.perf_counter()
     rejected: list[dict[str, str]] = []
     samples = kept = input_bytes = 0
@@ -86,10 +104,11 @@ def write_shard(
             size, digest = storage.sha256_of(local)
             stats.update(bytes=size, sha256=digest)
             storage.put_file_atomic(local, shard_url(dest, shard.name))
+            stats["object"] = storage.object_identity(shard_url(dest, shard.name))
     stats.update(rejected=rejected, kept_original=kept, input_bytes=input_bytes,
                  seconds=round(time.perf_counter() - started, 3))
     storage.write_json_atomic(stats_url(dest, shard.name), stats)
-    return {**stats, "skipped": False}
+    return stats
 
 
 def _read_ahead(items: list[Item]) -> Iterator[bytes | Rejected]:

@@ -1,15 +1,20 @@
-"""Listing the raw images of a source, and reading one image's bytes back, through fsspec URLs.
+"""The inputs of a source, one partition at a time, and one input's bytes read back, through fsspec URLs.
 
-Three layouts:
-- `imagefolder`: `ROOT/<class>/<image>` (images may sit deeper inside the class folder);
-- `i21k-tars`: the ImageNet-21k release, `ROOT/<synset>.tar` holding that class's JPEGs; members are listed with
-  `tarfile` over a remote file object and later read by byte range, nothing is extracted to disk;
-- `manifest`: a JSONL, CSV or Parquet file with one row per image: a path column (relative to the manifest's folder
-  or a full URL) and a label column (a name, an index, or a list of them); any other column is kept as metadata.
+Sources are cut into partitions the way they arrive, so listing runs as many small tasks and no process ever
+holds the whole listing:
+- `imagefolder`: `ROOT/<class>/<image>` (images may sit deeper inside the class folder); a partition per class;
+- `i21k-tars`: the ImageNet-21k release, `ROOT/<synset>.tar` holding that class's JPEGs; a partition per tar.
+  Only the members' headers are read; their bytes are read later by byte range, nothing is extracted to disk;
+- `wds`: existing WebDataset tars (`ROOT/*.tar`, members `<key>.<ext>` grouped by key, a `.cls` or `.json` label);
+  a partition per tar, images read later by byte range like the i21k tars;
+- `manifest`: one JSONL, CSV or Parquet file, or a folder (or glob) of such parts, one row per image: a path column
+  (relative to the part's folder, or a full URL) and a label column (a name, an index, or a list of them); any
+  other column is kept as metadata. A partition per JSONL/CSV part and per Parquet row group. A Parquet `image`
+  column holding structs of `bytes` and `path` (the layout of image datasets on the Hugging Face Hub) means the
+  images are inside the manifest: they are read back from their row group.
 
-Class indices follow the sorted class names unless a classes file (one name per line) fixes them, e.g. to match an
-existing head. The listing is sorted by each input's stable name, so a plan built from it does not depend on the
-order in which storage returned the files.
+Every input is named by a stable `source` string relative to the source root, and ordered by an ordinal
+(partition, row) that does not depend on how many partitions a manifest was cut into.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import io
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,16 +35,30 @@ from data_prep.images import Rejected
 from pipeline import storage
 from pipeline.errors import MixerError
 
-LAYOUTS = ("imagefolder", "i21k-tars", "manifest")
+LAYOUTS = ("imagefolder", "i21k-tars", "wds", "manifest")
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 PATH_COLUMNS = ("path", "url", "image", "file", "filename")
 LABEL_COLUMNS = ("labels", "label", "classes", "class")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 # A CSV cell holds several labels separated by this character.
 CSV_LABEL_SEPARATOR = "|"
+# Headers of a remote tar are read through blocks this small, so listing does not pull the members' bytes.
+TAR_HEADER_BLOCK = 16 << 10
+# Rough rows per byte of a part, for sizing the plan's buckets only (never for what the plan contains).
+BYTES_PER_ROW = {"jsonl": 64, "csv": 32, "tar": 4096}
+ROWS_PER_CLASS_FOLDER = 1000
 
 
 class SourceError(MixerError):
     """A source that cannot be listed; the message names the URL and what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    index: int  # position in the source; orders duplicates across partitions
+    url: str  # the class folder, tar, or manifest part holding it
+    row_group: int = -1  # Parquet parts: the row group
+    rows: int = -1  # rows when known before listing (Parquet row groups), else an estimate
 
 
 @dataclass(slots=True)
@@ -48,37 +67,47 @@ class Item:
     url: str  # fsspec URL holding the bytes
     labels: tuple[int, ...]
     size: int = -1  # bytes, -1 when the listing does not say (manifests)
-    offset: int = -1  # start of the bytes inside `url` (tar members); -1: the whole file
+    offset: int = -1  # start of the bytes inside `url` (tar members), or the row group (Parquet images); -1: the file
+    row: int = -1  # Parquet images: the row inside the row group
     fields: dict[str, Any] | None = None  # manifest columns kept as metadata
 
 
-@dataclass
-class Listing:
-    layout: str
-    classes: list[str]
-    multi_label: bool
-    items: list[Item]
-    rejected: list[dict[str, str]] = field(default_factory=list)  # inputs refused while listing
-    notes: list[str] = field(default_factory=list)  # files deliberately left out, said out loud
-
-    @property
-    def inputs(self) -> int:
-        return len(self.items) + len(self.rejected)
-
-
-@dataclass
-class _Raw:
-    """An input before class names are turned into indices."""
+@dataclass(slots=True)
+class Raw:
+    """An input as listed: labels still as names (str) or indices (int)."""
 
     source: str
     url: str
     labels: list[str | int]
     size: int = -1
     offset: int = -1
+    row: int = -1
     fields: dict[str, Any] | None = None
 
 
+@dataclass
+class Listed:
+    """What one partition holds."""
+
+    raws: list[Raw]
+    rejected: list[dict[str, str]] = field(default_factory=list)  # inputs refused while listing
+    hidden: int = 0  # files deliberately left out (names starting with '.')
+    classes: list[str] | None = None  # class names the part itself declares (Hugging Face metadata)
+
+
+@dataclass
+class Partitions:
+    layout: str
+    parts: list[Partition]
+    notes: list[str]
+
+    def estimated_inputs(self) -> int:
+        return sum(max(p.rows, 1) for p in self.parts)
+
+
 def detect_layout(url: str) -> str:
+    if _is_glob(url):
+        return "manifest"
     fs, path = storage.filesystem(url)
     if fs.isfile(path):
         if path.endswith(MANIFEST_SUFFIXES):
@@ -87,39 +116,53 @@ def detect_layout(url: str) -> str:
     if not fs.isdir(path):
         raise SourceError(f"{url}: no such file or folder")
     entries = fs.ls(path, detail=True)
-    tars = [e for e in entries if e["type"] == "file" and e["name"].endswith(".tar")]
+    files = [e for e in entries if e["type"] == "file" and not _hidden(posixpath.basename(e["name"]))]
+    tars = [e for e in files if e["name"].endswith(".tar")]
+    parts = [e for e in files if e["name"].endswith(MANIFEST_SUFFIXES)]
     folders = [e for e in entries if e["type"] == "directory"]
-    if tars and not folders:
+    if tars and not folders and not parts:
         return "i21k-tars"
-    if folders and not tars:
+    if parts and not folders and not tars:
+        return "manifest"
+    if folders and not tars and not parts:
         return "imagefolder"
     raise SourceError(
-        f"{url}: cannot tell the layout ({len(tars)} .tar files and {len(folders)} folders at the top); "
-        "pass --layout imagefolder|i21k-tars|manifest"
+        f"{url}: cannot tell the layout ({len(tars)} .tar files, {len(parts)} manifest parts and {len(folders)} "
+        "folders at the top); pass --layout imagefolder|i21k-tars|wds|manifest"
     )
 
 
-def list_source(url: str, layout: str = "auto", classes_file: str | None = None) -> Listing:
-    """Every input of the source with its labels, sorted by stable name; refused inputs listed with a reason."""
+def partitions(url: str, layout: str = "auto") -> Partitions:
+    """The source's partitions in a stable order; reads folder listings and Parquet footers, never the inputs."""
     url = url.rstrip("/")
     if layout == "auto":
         layout = detect_layout(url)
     if layout not in LAYOUTS:
         raise SourceError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
-    rejected: list[dict[str, str]] = []
     try:
         if layout == "imagefolder":
-            raws, notes = _list_imagefolder(url)
-        elif layout == "i21k-tars":
-            raws, notes = _list_i21k_tars(url, rejected)
+            parts, notes = _class_folders(url)
+        elif layout in ("i21k-tars", "wds"):
+            parts, notes = _tars(url, layout)
         else:
-            raws, notes = _list_manifest(url)
+            parts, notes = _manifest_parts(url)
     except FileNotFoundError as e:
         raise SourceError(f"{url}: not found while listing the {layout} layout ({e})") from e
-    if not raws:
-        raise SourceError(f"{url}: no inputs found for layout {layout}")
-    fixed = read_classes_file(classes_file) if classes_file else None
-    return _index_classes(layout, raws, fixed, rejected, notes)
+    return Partitions(layout, parts, notes)
+
+
+def list_partition(part: Partition, layout: str) -> Listed:
+    """Every input of one partition, in the partition's own order."""
+    try:
+        if layout == "imagefolder":
+            return _list_class_folder(part)
+        if layout == "i21k-tars":
+            return _list_tar(part)
+        if layout == "wds":
+            return _list_wds_tar(part)
+        return _list_manifest_part(part)
+    except FileNotFoundError as e:
+        raise SourceError(f"{part.url}: vanished while being listed ({e}); re-run when the source is complete") from e
 
 
 def read_classes_file(url: str) -> list[str]:
@@ -128,7 +171,8 @@ def read_classes_file(url: str) -> list[str]:
     except FileNotFoundError as e:
         raise SourceError(f"classes file {url} does not exist") from e
     names = [line.strip() for line in text.splitlines() if line.strip()]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    seen: set[str] = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
     if duplicates:
         raise SourceError(f"classes file {url}: names listed twice: {', '.join(duplicates[:10])}")
     if not names:
@@ -141,6 +185,8 @@ def read_item(item: Item) -> bytes:
     shard is retried rather than the image dropped."""
     fs, path = url_to_fs(item.url)
     try:
+        if item.row >= 0:
+            return _read_parquet_image(fs, path, item)
         if item.offset < 0:
             return fs.cat_file(path)
         if item.size == 0:
@@ -155,116 +201,306 @@ def read_item(item: Item) -> bytes:
     return data
 
 
+def _read_parquet_image(fs, path: str, item: Item) -> bytes:
+    import pyarrow.parquet as pq
+
+    with fs.open(path, "rb") as f:
+        column = pq.ParquetFile(f).read_row_group(item.offset, columns=["image.bytes"]).column(0)
+    value = column[item.row].as_py()
+    data = value.get("bytes") if isinstance(value, dict) else value
+    if data is None:
+        raise Rejected("missing", f"row {item.row} of row group {item.offset} has no image bytes")
+    return data
+
+
 def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
-def _list_imagefolder(url: str) -> tuple[list[_Raw], list[str]]:
+def _is_glob(url: str) -> bool:
+    return any(c in url for c in "*?[")
+
+
+def _class_folders(url: str) -> tuple[list[Partition], list[str]]:
     fs, root = storage.filesystem(url)
     if not fs.isdir(root):
         raise SourceError(f"{url}: no such folder; the imagefolder layout is ROOT/<class>/<image>")
-    found = fs.find(root, detail=True)
-    raws, hidden, loose = [], 0, 0
-    for path, info in found.items():
-        relative = path[len(root.rstrip("/")) + 1 :]
-        if _hidden(relative):
-            hidden += 1
-        elif "/" not in relative:
-            loose += 1
-        else:
-            raws.append(_Raw(relative, fs.unstrip_protocol(path), [relative.split("/", 1)[0]], int(info["size"])))
+    entries = sorted(fs.ls(root, detail=True), key=lambda e: e["name"])
+    folders = [e["name"] for e in entries if e["type"] == "directory" and not _hidden(posixpath.basename(e["name"]))]
+    hidden = sum(_hidden(posixpath.basename(e["name"])) for e in entries)
+    loose = sum(e["type"] != "directory" and not _hidden(posixpath.basename(e["name"])) for e in entries)
+    if not folders:
+        raise SourceError(f"{url}: no class folders; the imagefolder layout is ROOT/<class>/<image>")
+    parts = [Partition(i, fs.unstrip_protocol(path), rows=ROWS_PER_CLASS_FOLDER) for i, path in enumerate(folders)]
     notes = []
     if hidden:
-        notes.append(f"ignored {hidden} hidden files (names starting with '.') under {url}")
+        notes.append(f"ignored {hidden} hidden entries (names starting with '.') directly under {url}")
     if loose:
         notes.append(f"ignored {loose} files directly under {url}: ImageFolder images live in ROOT/<class>/")
-    return raws, notes
+    return parts, notes
 
 
-def _list_i21k_tars(url: str, rejected: list[dict[str, str]]) -> tuple[list[_Raw], list[str]]:
+def _list_class_folder(part: Partition) -> Listed:
+    fs, folder = url_to_fs(part.url)
+    folder = folder.rstrip("/")
+    root = posixpath.dirname(folder)
+    name = posixpath.basename(folder)
+    raws, hidden = [], 0
+    for path, info in sorted(fs.find(folder, detail=True).items()):
+        relative = path[len(root) + 1 :]
+        if _hidden(relative):
+            hidden += 1
+        else:
+            raws.append(Raw(relative, fs.unstrip_protocol(path), [name], int(info["size"])))
+    return Listed(raws, hidden=hidden)
+
+
+def _tars(url: str, layout: str) -> tuple[list[Partition], list[str]]:
     fs, root = storage.filesystem(url)
+    if not fs.isdir(root):
+        raise SourceError(f"{url}: no such folder; the {layout} layout is a folder of .tar files")
     entries = fs.ls(root, detail=True)
-    tars = sorted(e["name"] for e in entries if e["type"] == "file" and e["name"].endswith(".tar"))
+    tars = sorted((e["name"], int(e.get("size") or 0)) for e in entries
+                  if e["type"] == "file" and e["name"].endswith(".tar"))
     others = len(entries) - len(tars)
     if not tars:
-        raise SourceError(f"{url}: no .tar files; the i21k-tars layout is ROOT/<synset>.tar")
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        listed = list(pool.map(lambda path: _list_tar(fs, path), tars))
-    raws = [raw for members, _ in listed for raw in members]
-    rejected.extend(error for _, error in listed if error)
+        shape = "ROOT/<synset>.tar" if layout == "i21k-tars" else "ROOT/*.tar"
+        raise SourceError(f"{url}: no .tar files; the {layout} layout is {shape}")
+    parts = [Partition(i, fs.unstrip_protocol(path), rows=max(1, size // BYTES_PER_ROW["tar"]))
+             for i, (path, size) in enumerate(tars)]
     notes = [f"ignored {others} entries under {url} that are not .tar files"] if others else []
-    return raws, notes
+    return parts, notes
 
 
-def _list_tar(fs, path: str) -> tuple[list[_Raw], dict[str, str] | None]:
-    name = posixpath.basename(path)
-    synset = name[: -len(".tar")]
-    url = fs.unstrip_protocol(path)
-    raws = []
-    with fs.open(path, "rb") as f:
+def _tar_members(part: Partition) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+    """The regular members of a tar, headers only; raises _TarDamage after the good ones when the tar is damaged."""
+    fs, path = url_to_fs(part.url)
+    count = 0
+    with fs.open(path, "rb", block_size=TAR_HEADER_BLOCK) as f:
         try:
             with tarfile.open(fileobj=f, mode="r:") as tar:
                 for member in tar:
                     if member.isreg():
-                        raws.append(_Raw(f"{name}/{member.name}", url, [synset], member.size, member.offset_data))
+                        count += 1
+                        yield member, tar
         except tarfile.TarError as e:
             # Members listed before the damage are still good; what follows cannot be found, so say so.
-            detail = f"the tar cannot be read past member {len(raws)} ({e}); later members are lost"
-            return raws, {"source": f"{name}/<after member {len(raws)}>", "reason": "unreadable", "detail": detail}
+            raise _TarDamage("unreadable", f"the tar cannot be read past member {count} ({e}); later members are "
+                             "lost", count) from e
         end = tar.offset
     if end + 2 * tarfile.BLOCKSIZE > fs.size(path):
         # tarfile takes a cut-off header for the end of the archive; a complete tar ends with two zero blocks.
-        detail = f"the tar ends without its end-of-archive marker after member {len(raws)}; it was cut short"
-        return raws, {"source": f"{name}/<after member {len(raws)}>", "reason": "truncated", "detail": detail}
-    return raws, None
+        raise _TarDamage("truncated", f"the tar ends without its end-of-archive marker after member {count}; it "
+                         "was cut short", count)
 
 
-def _list_manifest(url: str) -> tuple[list[_Raw], list[str]]:
-    rows = list(_manifest_rows(url))
-    if not rows:
-        raise SourceError(f"manifest {url} has no rows")
-    columns = list(rows[0])
+class _TarDamage(Exception):
+    def __init__(self, reason: str, detail: str, count: int):
+        super().__init__(detail)
+        self.reason, self.detail, self.count = reason, detail, count
+
+
+def _damage(name: str, e: _TarDamage) -> dict[str, str]:
+    return {"source": f"{name}/<after member {e.count}>", "reason": e.reason, "detail": e.detail}
+
+
+def _list_tar(part: Partition) -> Listed:
+    name = posixpath.basename(part.url)
+    synset = name[: -len(".tar")]
+    raws: list[Raw] = []
+    try:
+        for member, _ in _tar_members(part):
+            raws.append(Raw(f"{name}/{member.name}", part.url, [synset], member.size, member.offset_data))
+    except _TarDamage as e:
+        return Listed(raws, [_damage(name, e)])
+    return Listed(raws)
+
+
+def _list_wds_tar(part: Partition) -> Listed:
+    """Samples of a WebDataset tar: members grouped by key (the name up to the first dot after the last '/');
+    the image member becomes the input, a `.cls` (index or name) or `.json` ("label"/"labels") gives the labels."""
+    name = posixpath.basename(part.url)
+    samples: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    rejected: list[dict[str, str]] = []
+    try:
+        for member, tar in _tar_members(part):
+            folder, _, base = member.name.rpartition("/")
+            stem, dot, ext = base.partition(".")
+            if not dot:
+                continue
+            key = f"{folder}/{stem}" if folder else stem
+            if key not in samples:
+                samples[key] = {}
+                order.append(key)
+            ext = ext.lower()
+            if ext in ("cls", "json"):
+                samples[key][ext] = tar.extractfile(member).read()
+            elif ext in WDS_IMAGE_EXTS and "image" not in samples[key]:
+                samples[key]["image"] = (member.offset_data, member.size)
+    except _TarDamage as e:
+        rejected.append(_damage(name, e))
+    raws = []
+    for key in order:
+        sample, source = samples[key], f"{name}/{key}"
+        if "image" not in sample:
+            rejected.append({"source": source, "reason": "no-image",
+                             "detail": f"no member with an image extension ({', '.join(WDS_IMAGE_EXTS)})"})
+            continue
+        try:
+            labels = _wds_labels(sample)
+        except ValueError as e:
+            rejected.append({"source": source, "reason": "bad-label", "detail": str(e)})
+            continue
+        offset, size = sample["image"]
+        raws.append(Raw(source, part.url, labels, size, offset))
+    return Listed(raws, rejected)
+
+
+def _wds_labels(sample: dict[str, Any]) -> list[str | int]:
+    if "cls" in sample:
+        text = sample["cls"].decode("utf-8", "replace").strip()
+        return [int(text) if text.isdigit() else text] if text else []
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as e:
+            raise ValueError(f"its .json is not JSON ({e})") from e
+        for column in LABEL_COLUMNS:
+            if isinstance(meta, dict) and column in meta:
+                return _parse_labels(meta[column], False, "its .json")
+    return []
+
+
+def _manifest_parts(url: str) -> tuple[list[Partition], list[str]]:
+    fs, path = storage.filesystem(url)
+    if _is_glob(url):
+        files = sorted(fs.glob(path))
+    elif fs.isdir(path):
+        files = sorted(p for p in fs.ls(path, detail=False) if not _hidden(posixpath.basename(p)))
+    elif fs.isfile(path):
+        files = [path]
+    else:
+        raise SourceError(f"{url}: no such manifest file or folder")
+    parts = [p for p in files if p.endswith(MANIFEST_SUFFIXES)]
+    if not parts:
+        raise SourceError(f"{url}: no manifest parts (files ending in {', '.join(MANIFEST_SUFFIXES)})")
+    kinds = {p.rsplit(".", 1)[1] for p in parts}
+    if len(kinds) > 1:
+        raise SourceError(f"{url}: manifest parts of several formats ({', '.join(sorted(kinds))}); use one")
+    others = len(files) - len(parts)
+    notes = [f"ignored {others} files under {url} that are not manifest parts"] if others else []
+    if kinds == {"parquet"}:
+        return _row_groups(fs, parts), notes
+    sizes = {p: int(fs.size(p) or 0) for p in parts}
+    per_row = BYTES_PER_ROW[kinds.pop()]
+    return [Partition(i, fs.unstrip_protocol(p), rows=max(1, sizes[p] // per_row)) for i, p in enumerate(parts)], notes
+
+
+def _row_groups(fs, paths: list[str]) -> list[Partition]:
+    import pyarrow.parquet as pq
+
+    def groups(path: str) -> list[int]:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+        return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        counts = list(pool.map(groups, paths))
+    parts = []
+    for path, rows in zip(paths, counts, strict=True):
+        for g, n in enumerate(rows):
+            parts.append(Partition(len(parts), fs.unstrip_protocol(path), row_group=g, rows=n))
+    return parts
+
+
+def _list_manifest_part(part: Partition) -> Listed:
+    rows, columns, classes = _manifest_rows(part)
+    if not columns:
+        return Listed([])
     path_col = next((c for c in PATH_COLUMNS if c in columns), None)
     label_col = next((c for c in LABEL_COLUMNS if c in columns), None)
     if path_col is None or label_col is None:
         raise SourceError(
-            f"manifest {url}: needs a path column (one of {', '.join(PATH_COLUMNS)}) and a label column "
+            f"manifest {part.url}: needs a path column (one of {', '.join(PATH_COLUMNS)}) and a label column "
             f"(one of {', '.join(LABEL_COLUMNS)}); found columns {', '.join(map(str, columns))}"
         )
-    folder = posixpath.dirname(url)
-    local = storage.is_local(url)
-    is_csv = url.endswith(".csv")
+    folder = posixpath.dirname(part.url)
+    local = storage.is_local(part.url)
+    is_csv = part.url.endswith(".csv")
+    where = part.url if part.row_group < 0 else f"{part.url} row group {part.row_group}"
+    name = posixpath.basename(part.url)
     raws = []
-    for number, row in enumerate(rows, start=1):
-        path = row.get(path_col)
+    for number, row in enumerate(rows):
+        value = row.get(path_col)
+        embedded = isinstance(value, dict)
+        path = value.get("path") if embedded else value
+        labels = _parse_labels(row.get(label_col), is_csv, f"manifest {where}, row {number + 1}")
+        fields = {k: _jsonable(v) for k, v in row.items() if k not in (path_col, label_col)} or None
+        if embedded:
+            # The image is inside this row; its own file name, when it has one, names it.
+            source = str(path) if path else f"{name}/{part.row_group}/{number}"
+            raws.append(Raw(source, part.url, labels, offset=part.row_group, row=number, fields=fields))
+            continue
         if not path:
-            raise SourceError(f"manifest {url}, row {number}: empty {path_col!r}")
+            raise SourceError(f"manifest {where}, row {number + 1}: empty {path_col!r}")
         path = str(path)
         if "://" in path or (local and path.startswith("/")):
             source, item_url = path, path
         else:
             source = posixpath.normpath(path)
             item_url = storage.join(folder, source)
-        labels = _parse_labels(row.get(label_col), is_csv, f"manifest {url}, row {number}")
-        fields = {k: _jsonable(v) for k, v in row.items() if k not in (path_col, label_col)}
-        raws.append(_Raw(source, item_url, labels, fields=fields or None))
-    return raws, []
+        raws.append(Raw(source, item_url, labels, fields=fields))
+    return Listed(raws, classes=classes)
 
 
-def _manifest_rows(url: str) -> Iterable[dict[str, Any]]:
-    if url.endswith(".parquet"):
+def _manifest_rows(part: Partition) -> tuple[list[dict[str, Any]], list[str], list[str] | None]:
+    """(rows, column names, class names the part declares). An embedded image column is read without its bytes."""
+    fs, path = url_to_fs(part.url)
+    if part.row_group >= 0:
         import pyarrow.parquet as pq
 
-        fs, path = storage.filesystem(url)
         with fs.open(path, "rb") as f:
-            yield from pq.read_table(f).to_pylist()
-        return
-    text = storage.read_bytes(url).decode()
-    if url.endswith(".csv"):
-        yield from csv.DictReader(io.StringIO(text))
-        return
-    for _, row in storage.json_lines(text, f"manifest {url}", SourceError):
-        yield row
+            pf = pq.ParquetFile(f)
+            schema = pf.schema_arrow
+            embedded = [n for n in schema.names if n in PATH_COLUMNS and _holds_bytes(schema.field(n).type)]
+            # Embedded images are left in the file: only their names are read while listing.
+            columns = [n for n in schema.names if n not in embedded]
+            columns += [f"{n}.path" for n in embedded if schema.field(n).type.get_field_index("path") >= 0]
+            table = pf.read_row_group(part.row_group, columns=columns)
+        rows = table.to_pylist()
+        for row in rows:
+            for name in embedded:
+                row[name] = {"path": (row.get(name) or {}).get("path")}
+        names = schema.names
+        return rows, names, _hugging_face_classes(schema)
+    text = storage.read_bytes(part.url).decode()
+    if part.url.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text))
+        rows = list(reader)
+        return rows, list(reader.fieldnames or []), None
+    rows = [row for _, row in storage.json_lines(text, f"manifest {part.url}", SourceError)]
+    return rows, list(rows[0]) if rows else [], None
+
+
+def _holds_bytes(kind) -> bool:
+    return getattr(kind, "num_fields", 0) > 0 and kind.get_field_index("bytes") >= 0
+
+
+def _hugging_face_classes(schema) -> list[str] | None:
+    """The label names a Hugging Face dataset stores in its Parquet metadata (a ClassLabel feature)."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return None
+    try:
+        features = json.loads(meta).get("info", {}).get("features", {})
+    except ValueError:
+        return None
+    for column in LABEL_COLUMNS:
+        names = features.get(column, {}).get("names") if isinstance(features.get(column), dict) else None
+        if isinstance(names, list) and all(isinstance(n, str) for n in names):
+            return names
+    return None
 
 
 def _parse_labels(value: Any, is_csv: bool, where: str) -> list[str | int]:
@@ -293,42 +529,3 @@ def _jsonable(value: Any) -> Any:
         return value
     except (TypeError, ValueError):
         return str(value)
-
-
-def _index_classes(
-    layout: str, raws: list[_Raw], fixed: list[str] | None, rejected: list[dict[str, str]], notes: list[str]
-) -> Listing:
-    raws.sort(key=lambda r: r.source)  # stable: among duplicates, the first in source order wins
-    kinds = {type(label) for r in raws for label in r.labels}
-    if kinds == {str, int}:
-        raise SourceError("labels mix class names and indices; use one kind throughout")
-    if fixed is not None:
-        classes = fixed
-    elif kinds == {int}:
-        classes = [str(i) for i in range(max(label for r in raws for label in r.labels) + 1)]
-    else:
-        classes = sorted({label for r in raws for label in r.labels})
-    index = {name: i for i, name in enumerate(classes)}
-
-    items, seen = [], set()
-    for r in raws:
-        if r.source in seen:
-            rejected.append({"source": r.source, "reason": "duplicate", "detail": "listed more than once"})
-            continue
-        seen.add(r.source)
-        if not r.labels:
-            rejected.append({"source": r.source, "reason": "no-label", "detail": "the manifest gives it no label"})
-            continue
-        try:
-            labels = sorted({label if isinstance(label, int) else index[label] for label in r.labels})
-        except KeyError as e:
-            rejected.append({"source": r.source, "reason": "unknown-class",
-                             "detail": f"class {e.args[0]!r} is not in the classes file"})
-            continue
-        if labels[0] < 0 or labels[-1] >= len(classes):
-            rejected.append({"source": r.source, "reason": "unknown-class",
-                             "detail": f"label index out of range 0..{len(classes) - 1}: {labels}"})
-            continue
-        items.append(Item(r.source, r.url, tuple(labels), r.size, r.offset, r.fields))
-    multi_label = any(len(item.labels) > 1 for item in items)
-    return Listing(layout, classes, multi_label, items, rejected, notes)

@@ -421,6 +421,27 @@ def _publish(tmp: str, path: str) -> None:
     os.replace(tmp, path)
 
 
+IDENTITY_KEYS = ("ETag", "etag", "md5Hash", "generation")
+
+
+def identity(info: dict[str, Any]) -> dict[str, Any]:
+    """What tells one version of a file or object from another, from a listing's or a HEAD's info: its size and the
+    store's own version tag (an S3 ETag, a GCS hash) or, on a local disk, its modification time."""
+    key = next((k for k in IDENTITY_KEYS if info.get(k)), None)
+    tag = {"tag": str(info[key]).strip('"')} if key else {"mtime": float(info.get("mtime") or 0.0)}
+    return {"size": int(info.get("size") or 0), **tag}
+
+
+def object_identity(url: str) -> dict[str, Any]:
+    fs, path = filesystem(url)
+
+    def attempt() -> dict[str, Any]:
+        fs.invalidate_cache(path)
+        return identity(fs.info(path))
+
+    return retry(attempt, what=f"stat {url}")
+
+
 def sha256_of(url: str, chunk_size: int = 8 << 20) -> tuple[int, str]:
     """(size, sha256) of the file or object at `url`, streamed."""
     with ResilientReader(url, block_size=chunk_size, sha256=True) as f:

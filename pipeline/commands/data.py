@@ -9,13 +9,19 @@ PREPARE_EXAMPLES = """\
 examples:
   mixer prepare raw/ out/ds --val-per-class 5                       ImageFolder raw/<class>/<image>, Ray in-process
   mixer prepare s3://bucket/i21k/ s3://bucket/i21k-256 --layout i21k-tars --shard-size 1000 --val-fraction 0.01
-  mixer prepare s3://bucket/jft/manifest.parquet s3://bucket/jft-ds --ray-address auto --workers 256
+  mixer prepare s3://bucket/jft/manifest/ s3://bucket/jft-ds --ray-address auto --plan-only   check first
+  mixer prepare s3://bucket/jft/manifest/ s3://bucket/jft-ds --ray-address auto --workers 256
+  mixer prepare s3://bucket/in22k-wds/ s3://bucket/in22k-256 --layout wds   re-shard WebDataset tars (.cls labels)
+  mixer prepare hf-parquet/ out/ds                                 Parquet parts with an image {bytes, path} column
   mixer prepare raw/ out/ds --classes-file head_classes.txt         fix class indices to an existing head
 
-Re-running the same command finishes an interrupted run: complete shards are kept, the rest redone.
-A manifest (.jsonl, .csv, .parquet) has a path column (path|url|image|file|filename: relative to the manifest or a
-full URL) and a label column (labels|label|classes|class: a name, an index, or a list; in CSV separate several
-labels with '|'). Other columns are kept in each sample's .json.
+Re-running the same command finishes an interrupted run: complete shards are kept (checked by their recorded size
+and object version, without reading them), the rest redone. `mixer verify` re-hashes every shard.
+A manifest is one .jsonl, .csv or .parquet file, or a folder or glob of such parts (each part, and each Parquet row
+group, is listed by its own task). It has a path column (path|url|image|file|filename: relative to the part's folder
+or a full URL; in Parquet, a struct of image bytes and path holds the image itself) and a label column
+(labels|label|classes|class: a name, an index, or a list; in CSV separate several labels with '|'). Other columns
+are kept in each sample's .json.
 """
 
 SAMPLE_EXAMPLES = """\
@@ -30,15 +36,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
         help="turn raw images into a sharded WebDataset with dataset.json",
-        description="Turn raw images (ImageFolder, ImageNet-21k per-synset tars, or a JSONL/CSV/Parquet manifest; "
-        "local or any fsspec URL) into WebDataset shards with dataset.json, one Ray task per shard.",
+        description="Turn raw images (ImageFolder, ImageNet-21k per-synset tars, WebDataset tars, or JSONL/CSV/Parquet "
+        "manifest parts; local or any fsspec URL) into WebDataset shards with dataset.json. Listing and planning "
+        "(keys, the stratified val split, the global shuffle) run as Ray tasks, so the driver's memory does not grow "
+        "with the number of inputs; then one Ray task per shard.",
         epilog=PREPARE_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", help="folder, prefix or manifest file of the raw images")
     p.add_argument("dest", metavar="DEST", help="where the shards and dataset.json go")
-    p.add_argument("--layout", default="auto", choices=["auto", "imagefolder", "i21k-tars", "manifest"],
-                   help="source layout (default: detected)")
+    p.add_argument("--layout", default="auto", choices=["auto", "imagefolder", "i21k-tars", "wds", "manifest"],
+                   help="source layout (default: detected; wds must be named)")
     p.add_argument("--max-size", type=int, default=256,
                    help="largest short side in pixels, never upscaled (default 256)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (default 95)")
@@ -53,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes-file", help="class names, one per line, in head order (default: sorted names)")
     p.add_argument("--retries", type=int, default=4, help="retries per shard, with exponential backoff (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--plan-only", action="store_true",
+                   help="list and plan, print the summary (inputs, classes, splits, shards, refusals, plan digest), "
+                   "write nothing but DEST/_progress/plan.json")
     p.set_defaults(func=run_prepare)
 
     v = sub.add_parser(
@@ -92,7 +103,7 @@ def run_prepare(args: argparse.Namespace) -> int:
         shard_size=args.shard_size, val_per_class=args.val_per_class, val_fraction=args.val_fraction, seed=args.seed,
     )
     prepare(args.source, args.dest, options, workers=args.workers, ray_address=args.ray_address,
-            retries=args.retries, progress=not args.no_progress)
+            retries=args.retries, progress=not args.no_progress, plan_only=args.plan_only)
     return 0
 
 
