@@ -377,11 +377,12 @@ def _manifest_parts(url: str) -> tuple[list[Partition], list[str]]:
     if _is_glob(url):
         files = sorted(fs.glob(path))
     elif fs.isdir(path):
-        files = sorted(p for p in fs.ls(path, detail=False) if not _hidden(posixpath.basename(p)))
+        files = sorted(e["name"] for e in fs.ls(path, detail=True)
+                       if e["type"] == "file" and not _hidden(posixpath.basename(e["name"])))
     elif fs.isfile(path):
         files = [path]
     else:
-        raise SourceError(f"{url}: no such manifest file or folder")
+        raise SourceError(f"{url}: not found (no such manifest file or folder)")
     parts = [p for p in files if p.endswith(MANIFEST_SUFFIXES)]
     if not parts:
         raise SourceError(f"{url}: no manifest parts (files ending in {', '.join(MANIFEST_SUFFIXES)})")

@@ -93,6 +93,11 @@ class S3FaultProxy:
         with self._lock:
             return Counter(self.faults), Counter(self.requests)
 
+    def seen(self) -> Counter[tuple[str, str, str]]:
+        """How often each request (method, path with query, Range) has arrived so far."""
+        with self._lock:
+            return Counter(self._seen)
+
     def decide(self, method: str, target: str, range_header: str) -> tuple[str | None, float]:
         """The fault for this arrival of the request (None: none) and a number in [0, 1) to size it with."""
         key = (method, target, range_header)

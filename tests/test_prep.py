@@ -24,11 +24,11 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from data_prep.plan import plan_dataset
+from data_prep.plan import Runner, plan_source
 from data_prep.prepare import PrepareError, PrepareOptions, prepare
 from data_prep.sample_data import make_sample_data
 from data_prep.shard import shard_url, stats_url
-from data_prep.sources import list_source
+from data_prep.sources import partitions
 from data_prep.verify import verify
 from pipeline import cli, dataset_json, storage
 
@@ -215,8 +215,8 @@ def test_resume_after_a_worker_is_killed_mid_shard(sources, reference, ray_clust
     source = Path(sources["imagefolder"]["url"])
     rejected = [json.loads(line) for line in (Path(reference) / "rejected.jsonl").read_text().splitlines()]
     empty = next(r["source"] for r in rejected if r["reason"] == "empty")
-    shard = next(s.name for s in plan_dataset(list_source(str(source)), OPTIONS).shards
-                 if any(item.source == empty for _, item in s.samples))
+    plan = plan_source(partitions(str(source)), OPTIONS, runner=Runner(ray=False))
+    shard = next(s.name for s in plan.shards if any(item.source == empty for _, item in plan.shard_plan(s).samples))
     dest = tmp_path / "ds"
     # The empty input becomes a FIFO: it lists the same (0 bytes), and the task that reads it waits inside its
     # shard for a writer that never comes, however fast or slow this machine is.
@@ -302,3 +302,85 @@ def test_cli_reports_errors_on_stderr_with_status_2(tmp_path, capsys):
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err, err
+
+
+def _files(url: str) -> dict[str, bytes]:
+    root = Path(url)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.parent.name != "_progress"}
+
+
+def test_same_bytes_whatever_the_workers_buckets_and_manifest_parts(ray_cluster, tmp_path, monkeypatch):
+    """One manifest, planned with 1 and with 4 workers, in one bucket and in many, as one part and as 7 parts at
+    the same URL: the same shards, dataset.json and rejected.jsonl, byte for byte."""
+    import data_prep.plan
+
+    source = tmp_path / "raw"
+    make_sample_data(str(source), "manifest", classes=4, per_class=14, bad=5, seed=2)
+    whole = (source / "manifest.jsonl").read_text().splitlines(keepends=True)
+    options = PrepareOptions(max_size=40, quality=90, shard_size=9, val_per_class=2, seed=3)
+    made = {}
+    for run, workers in (("one-part-1-worker", 1), ("one-part-4-workers", 4)):
+        made[run] = prepare(str(source), str(tmp_path / run), PrepareOptions(**{**options.__dict__,
+                            "layout": "manifest"}), workers=workers, progress=False)
+    (source / "manifest.jsonl").unlink()
+    cuts = np.linspace(0, len(whole), 8).astype(int)
+    for part, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        (source / f"part-{part:02d}.jsonl").write_text("".join(whole[a:b]))
+    monkeypatch.setattr(data_prep.plan, "ROWS_PER_BUCKET", 5)  # many buckets instead of one
+    made["7-parts-4-workers"] = prepare(str(source), str(tmp_path / "7-parts-4-workers"),
+                                        PrepareOptions(**{**options.__dict__, "layout": "manifest"}), workers=4,
+                                        progress=False)
+    reference = _files(str(tmp_path / "one-part-1-worker"))
+    assert {"dataset.json", "rejected.jsonl", "train-000000.tar", "val-000000.tar"} <= set(reference)
+    assert made["one-part-1-worker"]["rejected"] and made["one-part-1-worker"]["samples"]["val"] > 0
+    for run in ("one-part-4-workers", "7-parts-4-workers"):
+        assert _files(str(tmp_path / run)) == reference, run
+        assert made[run]["plan_sha256"] == made["one-part-1-worker"]["plan_sha256"]
+
+
+def test_plan_only_prints_the_plan_and_writes_only_its_record(sources, reference, ray_cluster, tmp_path, capsys):
+    dest = tmp_path / "ds"
+    summary = prepare(sources["imagefolder"]["url"], str(dest), OPTIONS, plan_only=True)
+    out = capsys.readouterr().out
+    assert [str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()] == ["_progress/plan.json"]
+    made = dataset_json.load(reference)
+    recorded = json.loads((Path(reference) / "_progress" / "plan.json").read_text())
+    assert summary["plan_sha256"] == recorded["plan_sha256"] and summary["plan_sha256"] in out
+    assert summary["inputs"] == made.inputs and summary["classes"] == made.num_classes
+    assert summary["shards"] == {name: len(split.shards) for name, split in made.splits.items()}
+    assert "run the same command without --plan-only" in out
+
+    # The real run that follows takes up the plan as recorded and makes the same dataset.
+    prepare(sources["imagefolder"]["url"], str(dest), OPTIONS, progress=False)
+    _assert_same_dataset(str(dest), reference)
+
+
+def test_rerun_over_a_complete_dataset_on_s3_reads_no_shard_and_redoes_a_replaced_one(sources, ray_cluster, s3_root,
+                                                                                      s3_endpoint):
+    from tests.s3_faults import FaultPlan, S3FaultProxy
+    from tests.test_faults import clients_through
+
+    dest = f"{s3_root}/datasets/rerun"
+    first = prepare(sources["imagefolder"]["url"], dest, OPTIONS, workers=4, progress=False)
+    shards = [s.name for sp in dataset_json.load(dest).splits.values() for s in sp.shards]
+    before = _shard_bytes(dest)
+
+    def shard_gets(proxy: S3FaultProxy) -> list[str]:
+        return [target for (method, target, _), n in proxy.seen().items() for _ in range(n)
+                if method == "GET" and target.split("?")[0].endswith(".tar")]
+
+    with S3FaultProxy(s3_endpoint, FaultPlan(rate=0.0)) as proxy, clients_through(proxy.endpoint):
+        again = prepare(sources["imagefolder"]["url"], dest, OPTIONS, workers=4, progress=False)
+        assert again["shards_skipped"] == len(shards) and again["shards_written"] == 0
+        assert shard_gets(proxy) == []  # resumed from stats and one listing: no shard's bytes read
+        assert proxy.seen()  # and the driver's traffic did go through the proxy
+
+        replaced = shards[1]
+        damaged = bytearray(before[replaced])
+        damaged[600] ^= 0xFF  # inside the first member's bytes: same size, other content
+        storage.write_bytes_atomic(f"{dest}/{replaced}", bytes(damaged))
+        redone = prepare(sources["imagefolder"]["url"], dest, OPTIONS, workers=4, progress=False)
+    assert redone["shards_written"] == 1 and redone["shards_skipped"] == len(shards) - 1
+    assert _shard_bytes(dest) == before and redone["plan_sha256"] == first["plan_sha256"]
+    assert verify(dest)[0] == []

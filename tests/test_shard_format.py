@@ -12,7 +12,7 @@ import webdataset as wds
 
 from data_prep.images import ImagePolicy
 from data_prep.plan import ShardPlan
-from data_prep.shard import write_shard
+from data_prep.shard import make_shard
 from data_prep.sources import Item
 from data_prep.verify import verify
 from pipeline import data, dataset_json, storage
@@ -81,7 +81,7 @@ def _write(tmp_path, multi_label: bool) -> tuple[str, dict]:
              Item("eel/b.jpg", str(raw / "b.jpg"), (1, 2) if multi_label else (2,), len(TINY_JPEG))]
     shard = ShardPlan("train-000000.tar", "train", [("cat-0001", items[0]), ("eel-0002", items[1])])
     dest = str(tmp_path / "ds")
-    stats = write_shard(shard, dest, ImagePolicy(40, 90), CLASSES, multi_label)
+    stats = make_shard(shard, dest, ImagePolicy(40, 90), CLASSES, multi_label)
     return storage.join(dest, shard.name), stats
 
 
