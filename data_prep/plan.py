@@ -246,7 +246,8 @@ def plan_source(
     if classes_file:
         classes = read_classes_file(classes_file)
     elif kinds == {"index"}:
-        classes = declared if declared and len(declared) > max_index else [str(i) for i in range(max_index + 1)]
+        # Names the source declares stay even when a row's index is out of their range: that row is refused.
+        classes = declared or [str(i) for i in range(max_index + 1)]
     else:
         classes = sorted(names)
     notes = list(parts.notes)

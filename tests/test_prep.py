@@ -384,3 +384,54 @@ def test_rerun_over_a_complete_dataset_on_s3_reads_no_shard_and_redoes_a_replace
     assert redone["shards_written"] == 1 and redone["shards_skipped"] == len(shards) - 1
     assert _shard_bytes(dest) == before and redone["plan_sha256"] == first["plan_sha256"]
     assert verify(dest)[0] == []
+
+
+def _images_of(source: Path) -> list[tuple[str, str, bytes]]:
+    """(class, file name, bytes) of an ImageFolder source, in a stable order."""
+    return [(p.parent.name, p.name, p.read_bytes()) for p in sorted(source.glob("*/*")) if p.is_file()]
+
+
+@pytest.mark.parametrize("layout", ["wds", "parquet-with-images"])
+def test_webdataset_tars_and_parquet_with_embedded_images_are_resharded(layout, sources, ray_cluster, tmp_path):
+    """The same images, held as WebDataset tars (timm's ImageNet-22k shards: .jpg with a .cls index) or inside
+    Parquet parts (the Hugging Face layout: an image struct of bytes and path, a label column), become the same
+    samples: every good image a sample with its class, every bad one refused for its reason."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    made = sources["imagefolder"]
+    images = _images_of(Path(made["url"]))
+    classes = sorted({c for c, _, _ in images})
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    if layout == "wds":
+        for part in range(3):
+            with wds.TarWriter(str(raw / f"in22k-{part:04d}.tar")) as sink:
+                for c, name, data in images[part::3]:
+                    sink.write({"__key__": f"{c}_{name.split('.')[0]}", "jpg": data,
+                                "cls": str(classes.index(c)).encode()})
+        (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")  # .cls holds indices; names come from here
+        options = PrepareOptions(**{**OPTIONS.__dict__, "layout": "wds", "classes_file": str(tmp_path / "classes.txt")})
+    else:
+        image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+        schema = pa.schema([("image", image), ("label", pa.int64())], metadata={
+            b"huggingface": json.dumps({"info": {"features": {"label": {"names": classes}}}}).encode()})
+        for part in range(2):
+            rows = images[part::2]
+            table = pa.table({"image": pa.array([{"bytes": d, "path": f"{c}/{n}"} for c, n, d in rows], image),
+                              "label": [classes.index(c) for c, _, _ in rows]}, schema=schema)
+            pq.write_table(table, raw / f"train-{part:05d}-of-00002.parquet", row_group_size=10)
+        options = OPTIONS
+    dest = tmp_path / "ds"
+    prepare(str(raw), str(dest), options, progress=False)
+    info = _assert_reconciles(str(dest), made)
+    assert info.classes == classes and info.source["layout"] == options.layout.replace("auto", "manifest")
+    assert verify(str(dest))[0] == []
+    by_source = {}
+    for sample in wds.WebDataset([str(dest / s.name) for sp in info.splits.values() for s in sp.shards],
+                                 shardshuffle=False, empty_check=False):
+        by_source[json.loads(sample["json"])["source"]] = int(sample["cls"])
+    assert len(by_source) == made["good"]
+    for source, label in by_source.items():
+        name = source.split("/", 1)[1] if layout == "wds" else source
+        assert classes[label] == name.split("_" if layout == "wds" else "/")[0], source
