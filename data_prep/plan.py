@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from data_prep.sources import Item, Listed, Partition, Partitions, SourceError, list_partition, read_classes_file
 from pipeline.errors import MixerError
@@ -40,9 +41,8 @@ SPLITS = ("train", "val")
 KEY_PREFIX_CHARS = 40
 ROWS_PER_BUCKET = 500_000
 ROWS_PER_LIST_TASK = 500_000
-MAX_BUCKETS = 4096
+BLOCKS = 4096  # digest blocks, and the most buckets
 MASK64 = (1 << 64) - 1
-DIGEST_MOD = 1 << 128
 
 
 class PlanError(MixerError):
@@ -153,7 +153,7 @@ class Plan:
     tables: list[Any]  # per bucket: its samples (train then val) as an Arrow table, or a ref to it
     starts: dict[str, np.ndarray]  # per split: position of each bucket's first sample in that split's order
     counts: dict[str, np.ndarray]  # per split: samples of that split in each bucket
-    rejected_parts: list[Any]  # per bucket: its refused inputs, in order, or a ref to them
+    rejected_parts: list[Any]  # per bucket: its refused inputs in the order of h (an Arrow table), or a ref to it
 
     def split_sizes(self) -> dict[str, int]:
         return {split: int(self.counts[split].sum()) for split in SPLITS if self.counts[split].sum()}
@@ -182,7 +182,7 @@ class Plan:
     def rejected(self) -> Iterator[dict[str, str]]:
         """Every input refused while listing and planning, bucket after bucket; one bucket in memory at a time."""
         for part in self.rejected_parts:
-            yield from self.runner.get(part)
+            yield from self.runner.get(part).to_pylist()
 
 
 def shard_from_pieces(shard: ShardSpec, pieces: list[Piece], *tables: pa.Table) -> ShardPlan:
@@ -225,7 +225,8 @@ def plan_source(
     """Plan the shards of a source cut into `parts`; `workers` only sets how finely the listing is cut into tasks."""
     options.check()
     runner = runner or Runner()
-    buckets = min(MAX_BUCKETS, max(1, math.ceil(parts.estimated_inputs() / ROWS_PER_BUCKET)))
+    wanted = max(1, math.ceil(parts.estimated_inputs() / ROWS_PER_BUCKET))
+    buckets = min(BLOCKS, 1 << (wanted - 1).bit_length())  # a power of two, so every digest block is in one bucket
     seed_mix = splitmix64(options.seed & MASK64)
 
     listed = [runner.call(_list_task, group, parts.layout, seed_mix, buckets, num_returns=buckets + 1)
@@ -241,7 +242,7 @@ def plan_source(
         declared = declared or summary["declared"]
     if inputs == 0:
         raise SourceError(f"no inputs found in the {parts.layout} source ({len(parts.parts)} partitions listed)")
-    if kinds == {"name", "index"}:
+    if len(kinds) > 1:
         raise SourceError("labels mix class names and indices; use one kind throughout")
     if classes_file:
         classes = read_classes_file(classes_file)
@@ -259,13 +260,13 @@ def plan_source(
                for b in range(buckets)]
     del listed
     totals = np.zeros(len(classes), np.int64)
-    multi_label, reasons, rejected_hash = False, Counter(), 0
+    multi_label, reasons, rejected_blocks = False, Counter(), {}
     for _, _, info in cleaned:
         info = runner.get(info)
         totals += info["counts"]
         multi_label |= info["multi_label"]
         reasons.update(info["reasons"])
-        rejected_hash = (rejected_hash + info["digest"]) % DIGEST_MOD
+        rejected_blocks.update(info["blocks"])
     held_out = runner.put(options.held_out(totals))
     totals_ref = runner.put(totals)
 
@@ -275,18 +276,19 @@ def plan_source(
         split.append(runner.call(_split_task, kept, offsets, held_out, totals_ref, num_returns=2))
         offsets += runner.get(info)["counts"]
     counts = {name: np.zeros(buckets, np.int64) for name in SPLITS}
-    rows_hash = 0
+    sample_blocks: dict[int, str] = {}
     for b, (_, info) in enumerate(split):
         info = runner.get(info)
         counts["train"][b], counts["val"][b] = info["train"], info["val"]
-        rows_hash = (rows_hash + info["digest"]) % DIGEST_MOD
+        sample_blocks.update(info["blocks"])
     starts = {name: np.concatenate([[0], np.cumsum(counts[name])[:-1]]).astype(np.int64) for name in SPLITS}
     shards = [spec for name in SPLITS for spec in _cut(name, int(counts[name].sum()), options.shard_size)]
-    record = {"classes": classes, "multi_label": multi_label, "inputs": inputs, "samples": rows_hash,
-              "rejected": rejected_hash, "shards": [(s.name, s.size) for s in shards]}
-    digest = hashlib.sha256(json.dumps(record).encode()).hexdigest()
-    return Plan(parts.layout, classes, multi_label, inputs, digest, shards, dict(sorted(reasons.items())), notes,
-                runner, [s[0] for s in split], starts, counts, [c[1] for c in cleaned])
+    digest = hashlib.sha256(json.dumps({"classes": classes, "multi_label": multi_label, "inputs": inputs,
+                                        "shards": [(s.name, s.size) for s in shards]}).encode())
+    for block in range(BLOCKS):
+        digest.update(f"{sample_blocks.get(block, '-')}{rejected_blocks.get(block, '-')}".encode())
+    return Plan(parts.layout, classes, multi_label, inputs, digest.hexdigest(), shards, dict(sorted(reasons.items())),
+                notes, runner, [s[0] for s in split], starts, counts, [c[1] for c in cleaned])
 
 
 def _groups(parts: list[Partition], workers: int) -> list[list[Partition]]:
@@ -313,110 +315,219 @@ def _cut(split: str, n: int, shard_size: int) -> list[ShardSpec]:
     return [ShardSpec(f"{split}-{i:06d}.tar", split, int(bounds[i]), int(bounds[i + 1])) for i in range(count)]
 
 
-# The tasks. Rows travel as tuples: (h, source, ordinal, url, labels, size, offset, row, fields, refusal), where
-# ordinal = (partition, row inside it) and refusal = (reason, detail) for inputs refused while listing.
+# The tasks pass Arrow tables (serialised without copies, sorted and filtered in bulk). A listed input is a row of
+# LISTED; an input refused while listing carries its reason and detail.
+
+LISTED = pa.schema([
+    ("h", pa.uint64()), ("s", pa.uint64()), ("source", pa.string()), ("part", pa.int64()), ("number", pa.int64()),
+    ("url", pa.string()), ("names", pa.list_(pa.string())), ("indices", pa.list_(pa.int64())),
+    ("size", pa.int64()), ("offset", pa.int64()), ("row", pa.int64()), ("fields", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()),
+])
+SAMPLE_COLUMNS = ("key", "source", "url", "labels", "size", "offset", "row", "fields")
+
+
+def splitmix64_array(x: np.ndarray) -> np.ndarray:
+    """splitmix64 over a uint64 array (numpy's unsigned arithmetic wraps like the 64-bit original)."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def _top_bits(h: np.ndarray, count: int) -> np.ndarray:
+    """Which of `count` (a power of two) equal ranges of 64-bit values each h falls in."""
+    if count == 1:
+        return np.zeros(len(h), np.int64)
+    return (h >> np.uint64(64 - (count.bit_length() - 1))).astype(np.int64)
 
 
 def _list_task(parts: list[Partition], layout: str, seed_mix: int, buckets: int) -> list[Any]:
-    out: list[list[tuple]] = [[] for _ in range(buckets)]
-    summary: dict[str, Any] = {"inputs": 0, "hidden": 0, "names": set(), "max_index": -1, "kinds": set(),
-                               "declared": None}
+    columns: dict[str, list] = {name: [] for name in LISTED.names if name not in ("h", "s")}
+    summary: dict[str, Any] = {"inputs": 0, "hidden": 0, "declared": None}
     for part in parts:
         listed: Listed = list_partition(part, layout)
-        summary["inputs"] += len(listed.raws) + len(listed.rejected)
+        raws, refused = listed.raws, listed.rejected
+        summary["inputs"] += len(raws) + len(refused)
         summary["hidden"] += listed.hidden
         summary["declared"] = summary["declared"] or listed.classes
-        for number, raw in enumerate(listed.raws):
-            for label in raw.labels:
-                if isinstance(label, str):
-                    summary["names"].add(label)
-                    summary["kinds"].add("name")
-                else:
-                    summary["max_index"] = max(summary["max_index"], label)
-                    summary["kinds"].add("index")
-            h = splitmix64(source_hash(raw.source) ^ seed_mix)
-            out[(h * buckets) >> 64].append((h, raw.source, (part.index, number), raw.url, raw.labels, raw.size,
-                                             raw.offset, raw.row, raw.fields, None))
-        for number, refused in enumerate(listed.rejected, start=len(listed.raws)):
-            h = splitmix64(source_hash(refused["source"]) ^ seed_mix)
-            out[(h * buckets) >> 64].append((h, refused["source"], (part.index, number), part.url, [], -1, -1, -1,
-                                             None, (refused["reason"], refused["detail"])))
-    return [summary, *out]
+        labels = [_names_and_indices(raw.labels) for raw in raws]
+        columns["source"] += [raw.source for raw in raws] + [r["source"] for r in refused]
+        columns["part"] += [part.index] * (len(raws) + len(refused))
+        columns["number"] += list(range(len(raws) + len(refused)))
+        columns["url"] += [raw.url for raw in raws] + [part.url] * len(refused)
+        columns["names"] += [names for names, _ in labels] + [[]] * len(refused)
+        columns["indices"] += [indices for _, indices in labels] + [[]] * len(refused)
+        columns["size"] += [raw.size for raw in raws] + [-1] * len(refused)
+        columns["offset"] += [raw.offset for raw in raws] + [-1] * len(refused)
+        columns["row"] += [raw.row for raw in raws] + [-1] * len(refused)
+        columns["fields"] += [json.dumps(raw.fields) if raw.fields is not None else None for raw in raws]
+        columns["fields"] += [None] * len(refused)
+        columns["reason"] += [None] * len(raws) + [r["reason"] for r in refused]
+        columns["detail"] += [None] * len(raws) + [r["detail"] for r in refused]
+    s = np.array([source_hash(source) for source in columns["source"]], np.uint64)
+    h = splitmix64_array(s ^ np.uint64(seed_mix))
+    table = pa.table({"h": h, "s": s, **columns}, schema=LISTED)
+    flat_names, flat_indices = pc.list_flatten(table["names"]), pc.list_flatten(table["indices"])
+    summary["names"] = set(pc.unique(flat_names).to_pylist())
+    summary["max_index"] = int(pc.max(flat_indices).as_py()) if len(flat_indices) else -1
+    summary["kinds"] = {kind for kind, values in (("name", flat_names), ("index", flat_indices)) if len(values)}
+    bucket = _top_bits(h, buckets)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
+    return [summary, *(table.take(order[bounds[b]:bounds[b + 1]]) for b in range(buckets))]
 
 
-def _refusal(source: str, reason: str, detail: str) -> dict[str, str]:
-    return {"source": source, "reason": reason, "detail": detail}
+def _names_and_indices(labels: list[str | int]) -> tuple[list[str], list[int]]:
+    kind = type(labels[0]) if labels else None
+    if all(type(label) is kind for label in labels):  # the usual row: one kind of label
+        return (labels, []) if kind is str else ([], labels)  # type: ignore[return-value]
+    names = [label for label in labels if isinstance(label, str)]
+    return names, [label for label in labels if not isinstance(label, str)]
 
 
-def _row_digest(*values: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=16).digest(), "big")
+def _clean_task(classes: list[str], *tables: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
+    """Sort by h; refuse second listings, inputs without labels or with unknown ones; index labels; key samples."""
+    table = pa.concat_tables(tables).combine_chunks() if tables else LISTED.empty_table()
+    table = table.take(pc.sort_indices(table, sort_keys=[("h", "ascending"), ("source", "ascending"),
+                                                         ("part", "ascending"), ("number", "ascending")]))
+    n = len(table)
+    reason = np.array(table["reason"].to_pylist(), object)
+    detail = np.array(table["detail"].to_pylist(), object)
+    listed_ok = pc.is_null(table["reason"]).to_numpy(zero_copy_only=False)
+    ok_rows = np.flatnonzero(listed_ok)
+    sources = table["source"].take(ok_rows)
+    again = np.zeros(n, bool)
+    if len(ok_rows) > 1:
+        again[ok_rows[1:]] = pc.equal(sources.slice(1), sources.slice(0, len(ok_rows) - 1)).to_numpy(
+            zero_copy_only=False)
+    reason[again] = "duplicate"
+    detail[again] = "listed more than once"
+    pending = listed_ok & ~again
 
+    labels, parents, unknown = _indexed_labels(table, classes)
+    has_label = np.bincount(parents, minlength=n) > 0
+    no_label = pending & ~has_label & ~unknown.astype(bool)
+    reason[no_label] = "no-label"
+    detail[no_label] = "the manifest gives it no label"
+    for row in np.flatnonzero(pending & unknown.astype(bool)):
+        reason[row] = "unknown-class"
+        detail[row] = unknown_detail(table, int(row), classes)
+    kept_rows = np.flatnonzero(pending & has_label & ~unknown.astype(bool))
 
-def _clean_task(classes: list[str], *lists: list[tuple]) -> tuple[list[tuple], list[dict[str, str]], dict[str, Any]]:
-    index = {name: i for i, name in enumerate(classes)}
+    # Each kept row's labels, sorted and without repeats, as one list column.
+    keep = np.isin(parents, kept_rows)
+    parents, labels = parents[keep], labels[keep]
+    order = np.lexsort((labels, parents))
+    parents, labels = parents[order], labels[order]
+    fresh = np.ones(len(labels), bool)
+    fresh[1:] = (parents[1:] != parents[:-1]) | (labels[1:] != labels[:-1])
+    parents, labels = parents[fresh], labels[fresh]
+    position = np.searchsorted(kept_rows, parents)
+    per_row = np.bincount(position, minlength=len(kept_rows))
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    first = labels[offsets[:-1]] if len(kept_rows) else np.zeros(0, np.int64)
+
+    kept = table.take(kept_rows)
+    s = kept["s"].to_numpy()
     prefixes = [key_prefix(name) for name in classes]
-    rows = sorted((row for rows in lists for row in rows), key=lambda r: (r[0], r[1], r[2]))
-    kept: list[tuple] = []
-    rejected: list[dict[str, str]] = []
-    first_label: list[int] = []
-    multi_label = False
-    previous: tuple | None = None  # the last listing considered, to find second listings of the same source
-    for h, source, _, url, labels, size, offset, row, fields, refusal in rows:
-        if refusal is not None:
-            rejected.append(_refusal(source, *refusal))
-            continue
-        if previous is not None and previous[1] == source:
-            rejected.append(_refusal(source, "duplicate", "listed more than once"))
-            continue
-        previous = (h, source)
-        if not labels:
-            rejected.append(_refusal(source, "no-label", "the manifest gives it no label"))
-            continue
-        try:
-            indices = sorted({label if isinstance(label, int) else index[label] for label in labels})
-        except KeyError as e:
-            rejected.append(_refusal(source, "unknown-class", f"class {e.args[0]!r} is not in the classes file"))
-            continue
-        if indices[0] < 0 or indices[-1] >= len(classes):
-            rejected.append(_refusal(source, "unknown-class",
-                                     f"label index out of range 0..{len(classes) - 1}: {indices}"))
-            continue
-        key = f"{prefixes[indices[0]]}-{source_hash(source):016x}"
-        if kept and kept[-1][0] == key:
-            raise PlanError(f"inputs {kept[-1][1]!r} and {source!r} hash to the same key {key!r}; rename one")
-        kept.append((key, source, url, tuple(indices), size, offset, row, fields))
-        first_label.append(indices[0])
-        multi_label |= len(indices) > 1
-    digest = sum(_row_digest(r["source"], r["reason"], r["detail"]) for r in rejected) % DIGEST_MOD
-    info = {"counts": np.bincount(np.asarray(first_label, np.int64), minlength=len(classes)),
-            "multi_label": multi_label, "reasons": Counter(r["reason"] for r in rejected), "digest": digest}
-    return kept, rejected, info
+    keys = [f"{prefixes[c]}-{x:016x}" for c, x in zip(first.tolist(), s.tolist(), strict=True)]
+    for i in np.flatnonzero(s[1:] == s[:-1]) if len(s) > 1 else ():
+        if keys[i] == keys[i + 1]:
+            a, b = kept["source"][int(i)].as_py(), kept["source"][int(i) + 1].as_py()
+            raise PlanError(f"inputs {a!r} and {b!r} hash to the same key {keys[i]!r}; rename one")
+    samples = pa.table({
+        "h": kept["h"], "key": pa.array(keys, pa.string()), "source": kept["source"], "url": kept["url"],
+        "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels.astype(np.int32))),
+        "first": pa.array(first.astype(np.int32)), "size": kept["size"], "offset": kept["offset"],
+        "row": kept["row"], "fields": kept["fields"],
+    })
+    refused_rows = np.flatnonzero(reason != None)  # noqa: E711 (elementwise over an object array)
+    rejected = pa.table({"h": table["h"].take(refused_rows), "source": table["source"].take(refused_rows),
+                         "reason": pa.array(reason[refused_rows].tolist(), pa.string()),
+                         "detail": pa.array(detail[refused_rows].tolist(), pa.string())})
+    info = {"counts": np.bincount(first, minlength=len(classes)).astype(np.int64),
+            "multi_label": bool((per_row > 1).any()), "reasons": Counter(reason[refused_rows].tolist()),
+            "blocks": _block_digests(rejected, ("source", "reason", "detail"))}
+    return samples, rejected.drop_columns(["h"]), info
+
+
+def _indexed_labels(table: pa.Table, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(label index, its row) for every label of every row, and per row whether a label is not a known class."""
+    n = len(table)
+    names, indices = table["names"], table["indices"]
+    by_name = pc.index_in(pc.list_flatten(names), value_set=pa.array(classes, pa.string()))
+    name_rows = pc.list_parent_indices(names).to_numpy(zero_copy_only=False).astype(np.int64)
+    index_rows = pc.list_parent_indices(indices).to_numpy(zero_copy_only=False).astype(np.int64)
+    index_values = pc.list_flatten(indices).to_numpy(zero_copy_only=False).astype(np.int64)
+    missing = pc.is_null(by_name).to_numpy(zero_copy_only=False)
+    out_of_range = (index_values < 0) | (index_values >= len(classes))
+    unknown = np.bincount(np.concatenate([name_rows[missing], index_rows[out_of_range]]), minlength=n)
+    values = np.concatenate([pc.fill_null(by_name, -1).to_numpy(zero_copy_only=False).astype(np.int64)[~missing],
+                             index_values[~out_of_range]])
+    rows = np.concatenate([name_rows[~missing], index_rows[~out_of_range]])
+    return values, rows, unknown
+
+
+def unknown_detail(table: pa.Table, row: int, classes: list[str]) -> str:
+    known = set(classes)
+    for name in table["names"][row].as_py() or []:
+        if name not in known:
+            return f"class {name!r} is not in the classes file"
+    indices = sorted(set(table["indices"][row].as_py() or []))
+    return f"label index out of range 0..{len(classes) - 1}: {indices}"
 
 
 def _split_task(
-    kept: list[tuple], offsets: np.ndarray, held_out: np.ndarray, totals: np.ndarray
-) -> tuple[pa.Table, dict[str, int]]:
+    samples: pa.Table, offsets: np.ndarray, held_out: np.ndarray, totals: np.ndarray
+) -> tuple[pa.Table, dict[str, Any]]:
     """Systematic sampling in the order of h: rank i of a class of n inputs with k held out is val when
     floor((i + 1) k / n) > floor(i k / n), which picks exactly k, evenly spread over the class's order."""
-    rank = offsets.copy()
-    train, val = [], []
-    digest = 0
-    for sample in kept:
-        c = sample[3][0]
-        i, k, n = int(rank[c]), int(held_out[c]), int(totals[c])
-        rank[c] += 1
-        is_val = k > 0 and ((i + 1) * k) // n > (i * k) // n
-        (val if is_val else train).append(sample)
-        digest += _row_digest("val" if is_val else "train", *sample)
-    rows = train + val
-    table = pa.table({
-        "key": pa.array([r[0] for r in rows], pa.string()),
-        "source": pa.array([r[1] for r in rows], pa.string()),
-        "url": pa.array([r[2] for r in rows], pa.string()),
-        "labels": pa.array([list(r[3]) for r in rows], pa.list_(pa.int32())),
-        "size": pa.array([r[4] for r in rows], pa.int64()),
-        "offset": pa.array([r[5] for r in rows], pa.int64()),
-        "row": pa.array([r[6] for r in rows], pa.int64()),
-        "fields": pa.array([json.dumps(r[7]) if r[7] is not None else None for r in rows], pa.string()),
-    })
-    return table, {"train": len(train), "val": len(val), "digest": digest % DIGEST_MOD}
+    first = samples["first"].to_numpy(zero_copy_only=False).astype(np.int64)
+    by_class = np.argsort(first, kind="stable")
+    sorted_first = first[by_class]
+    group_start = np.searchsorted(sorted_first, sorted_first, side="left")
+    rank = np.empty(len(first), np.int64)
+    rank[by_class] = np.arange(len(first)) - group_start
+    i = offsets[first] + rank
+    k, n = held_out[first], np.maximum(totals[first], 1)
+    is_val = (k > 0) & (((i + 1) * k) // n > (i * k) // n)
+    blocks = _block_digests(samples.append_column("val", pa.array(is_val)), ("val", *SAMPLE_COLUMNS))
+    order = np.concatenate([np.flatnonzero(~is_val), np.flatnonzero(is_val)])
+    table = samples.select(list(SAMPLE_COLUMNS)).take(order)
+    return table, {"train": int((~is_val).sum()), "val": int(is_val.sum()), "blocks": blocks}
+
+
+def _block_digests(table: pa.Table, columns: tuple[str, ...]) -> dict[int, str]:
+    """sha256 of each block's rows (block = the top bits of h, rows in the order of h) over the given columns.
+    Blocks are finer than buckets and never cut by them, so the plan's digest does not depend on the bucket count."""
+    block = _top_bits(table["h"].to_numpy(), BLOCKS)
+    bounds = np.flatnonzero(np.diff(block)) + 1
+    starts = np.concatenate([[0], bounds]).astype(np.int64)
+    stops = np.concatenate([bounds, [len(block)]]).astype(np.int64)
+    arrays = [table[name].combine_chunks() for name in columns]
+    out = {}
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        if a == b:
+            continue
+        digest = hashlib.sha256()
+        for array in arrays:
+            digest.update(_canonical_bytes(array.slice(a, b - a)))
+        out[int(block[a])] = digest.hexdigest()
+    return out
+
+
+def _canonical_bytes(array: pa.Array) -> bytes:
+    """The values of an array as bytes that do not depend on where it was sliced from or how it was built."""
+    nulls = pc.is_null(array).to_numpy(zero_copy_only=False).tobytes() if array.null_count else b""
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_list(kind):
+        offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1, offset=array.offset * 4)
+        head = (offsets - offsets[0]).tobytes() + nulls
+        if pa.types.is_list(kind):
+            return head + _canonical_bytes(array.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0])))
+        data = array.buffers()[2]
+        return head + (bytes(memoryview(data)[offsets[0]:offsets[-1]]) if data is not None else b"")
+    values = array.fill_null(0) if array.null_count else array
+    return nulls + values.to_numpy(zero_copy_only=False).tobytes()

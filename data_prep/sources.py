@@ -217,6 +217,12 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith(".") for part in relative.split("/"))
 
 
+def _normal(path: str) -> bool:
+    """Whether posixpath.normpath would leave a relative path as it is (most rows: skip the call)."""
+    return not path.startswith(("./", "../", "/")) and "/./" not in path and "/../" not in path and "//" not in path \
+        and not path.endswith(("/", "/.", "/..")) and path not in (".", "..")
+
+
 def _is_glob(url: str) -> bool:
     return any(c in url for c in "*?[")
 
@@ -449,8 +455,8 @@ def _list_manifest_part(part: Partition) -> Listed:
         if "://" in path or (local and path.startswith("/")):
             source, item_url = path, path
         else:
-            source = posixpath.normpath(path)
-            item_url = storage.join(folder, source)
+            source = path if _normal(path) else posixpath.normpath(path)
+            item_url = f"{folder}/{source}"
         raws.append(Raw(source, item_url, labels, fields=fields))
     return Listed(raws, classes=classes)
 
@@ -508,6 +514,8 @@ def _parse_labels(value: Any, is_csv: bool, where: str) -> list[str | int]:
     """Labels as names (str) or indices (int). CSV has no types, so a CSV label of digits is an index."""
     if value is None or value == "":
         return []
+    if type(value) is list and (all(type(v) is int for v in value) or all(type(v) is str for v in value)):
+        return value
     if isinstance(value, str) and is_csv:
         tokens = [t.strip() for t in value.split(CSV_LABEL_SEPARATOR) if t.strip()]
         return [int(t) if t.isdigit() else t for t in tokens]
