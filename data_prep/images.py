@@ -150,19 +150,21 @@ def _decode_error(e: Exception) -> Rejected:
 def _check_jpeg(data: bytes) -> None:
     """Decode the whole entropy-coded stream at 1/8 scale: cheap, yet any truncation or corruption shows."""
     try:
-        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_factor=8)
+        # simplejpeg scales only to meet a minimum size; min_factor alone would decode at full size.
+        simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=1, min_height=1)
     except ValueError as e:
         raise _decode_error(e) from e
 
 
 def _decode_jpeg(data: bytes, size: tuple[int, int]) -> Image.Image:
-    """The image at the smallest DCT scale that is still at least `size` (stored orientation). RGBX is PIL's own
-    pixel layout for RGB, so no copy converts it on the way in or out."""
+    """The image at the smallest DCT scale that is still at least `size` (stored orientation). As RGB, not the
+    RGBX that PIL could use without a copy: PIL's resampling then works on three bands instead of four, which saves
+    more than the copy costs (about 0.3 ms against 0.2 ms per photo), and the encoded bytes are the same."""
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGBX", min_width=size[0], min_height=size[1])
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=size[0], min_height=size[1])
     except ValueError as e:
         raise _decode_error(e) from e
-    return Image.frombuffer("RGBX", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "RGBX", 0, 1)
+    return Image.frombuffer("RGB", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "RGB", 0, 1)
 
 
 def _decode_with_pil(im: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -344,31 +344,18 @@ def _top_bits(h: np.ndarray, count: int) -> np.ndarray:
 
 
 def _list_task(parts: list[Partition], layout: str, seed_mix: int, buckets: int) -> list[Any]:
-    columns: dict[str, list] = {name: [] for name in LISTED.names if name not in ("h", "s")}
     summary: dict[str, Any] = {"inputs": 0, "hidden": 0, "declared": None}
+    tables = []
     for part in parts:
         listed: Listed = list_partition(part, layout)
-        raws, refused = listed.raws, listed.rejected
-        summary["inputs"] += len(raws) + len(refused)
         summary["hidden"] += listed.hidden
         summary["declared"] = summary["declared"] or listed.classes
-        labels = [_names_and_indices(raw.labels) for raw in raws]
-        columns["source"] += [raw.source for raw in raws] + [r["source"] for r in refused]
-        columns["part"] += [part.index] * (len(raws) + len(refused))
-        columns["number"] += list(range(len(raws) + len(refused)))
-        columns["url"] += [raw.url for raw in raws] + [part.url] * len(refused)
-        columns["names"] += [names for names, _ in labels] + [[]] * len(refused)
-        columns["indices"] += [indices for _, indices in labels] + [[]] * len(refused)
-        columns["size"] += [raw.size for raw in raws] + [-1] * len(refused)
-        columns["offset"] += [raw.offset for raw in raws] + [-1] * len(refused)
-        columns["row"] += [raw.row for raw in raws] + [-1] * len(refused)
-        columns["fields"] += [json.dumps(raw.fields) if raw.fields is not None else None for raw in raws]
-        columns["fields"] += [None] * len(refused)
-        columns["reason"] += [None] * len(raws) + [r["reason"] for r in refused]
-        columns["detail"] += [None] * len(raws) + [r["detail"] for r in refused]
-    s = np.array([source_hash(source) for source in columns["source"]], np.uint64)
+        tables.append(_listed_table(part, listed))
+        summary["inputs"] += len(tables[-1])
+    table = pa.concat_tables(tables).combine_chunks() if tables else LISTED.empty_table()
+    s = np.array([source_hash(source) for source in table["source"].to_pylist()], np.uint64)
     h = splitmix64_array(s ^ np.uint64(seed_mix))
-    table = pa.table({"h": h, "s": s, **columns}, schema=LISTED)
+    table = table.set_column(0, "h", pa.array(h)).set_column(1, "s", pa.array(s))
     flat_names, flat_indices = pc.list_flatten(table["names"]), pc.list_flatten(table["indices"])
     summary["names"] = set(pc.unique(flat_names).to_pylist())
     summary["max_index"] = int(pc.max(flat_indices).as_py()) if len(flat_indices) else -1
@@ -377,6 +364,36 @@ def _list_task(parts: list[Partition], layout: str, seed_mix: int, buckets: int)
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(buckets + 1))
     return [summary, *(table.take(order[bounds[b]:bounds[b + 1]]) for b in range(buckets))]
+
+
+def _listed_table(part: Partition, listed: Listed) -> pa.Table:
+    """One partition's inputs as rows of LISTED (h and s still zero), those refused while listing last."""
+    raws, refused = listed.raws, listed.rejected
+    if listed.table is not None:
+        columns = {name: listed.table[name] for name in listed.table.column_names}
+    else:
+        labels = [_names_and_indices(raw.labels) for raw in raws]
+        columns = {
+            "source": [raw.source for raw in raws], "url": [raw.url for raw in raws],
+            "names": [names for names, _ in labels], "indices": [indices for _, indices in labels],
+            "size": [raw.size for raw in raws], "offset": [raw.offset for raw in raws],
+            "row": [raw.row for raw in raws],
+            "fields": [json.dumps(raw.fields) if raw.fields is not None else None for raw in raws],
+        }
+    n = len(columns["source"])
+    table = pa.table({"h": np.zeros(n, np.uint64), "s": np.zeros(n, np.uint64), "source": columns["source"],
+                      "part": np.full(n, part.index, np.int64), "number": np.arange(n, dtype=np.int64),
+                      **{k: columns[k] for k in ("url", "names", "indices", "size", "offset", "row", "fields")},
+                      "reason": pa.nulls(n, pa.string()), "detail": pa.nulls(n, pa.string())}, schema=LISTED)
+    if not refused:
+        return table
+    m = len(refused)
+    return pa.concat_tables([table, pa.table({
+        "h": np.zeros(m, np.uint64), "s": np.zeros(m, np.uint64), "source": [r["source"] for r in refused],
+        "part": np.full(m, part.index, np.int64), "number": np.arange(n, n + m, dtype=np.int64),
+        "url": [part.url] * m, "names": [[]] * m, "indices": [[]] * m, "size": np.full(m, -1, np.int64),
+        "offset": np.full(m, -1, np.int64), "row": np.full(m, -1, np.int64), "fields": pa.nulls(m, pa.string()),
+        "reason": [r["reason"] for r in refused], "detail": [r["detail"] for r in refused]}, schema=LISTED)])
 
 
 def _names_and_indices(labels: list[str | int]) -> tuple[list[str], list[int]]:

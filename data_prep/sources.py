@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fsspec.core import url_to_fs
 
 from data_prep.images import Rejected
@@ -93,6 +94,7 @@ class Listed:
     rejected: list[dict[str, str]] = field(default_factory=list)  # inputs refused while listing
     hidden: int = 0  # files deliberately left out (names starting with '.')
     classes: list[str] | None = None  # class names the part itself declares (Hugging Face metadata)
+    table: Any = None  # the inputs as an Arrow table instead of `raws` (columns of ARROW_LISTED), when listed in bulk
 
 
 @dataclass
@@ -422,6 +424,8 @@ def _row_groups(fs, paths: list[str]) -> list[Partition]:
 
 
 def _list_manifest_part(part: Partition) -> Listed:
+    if part.row_group >= 0 and (listed := _list_row_group_in_bulk(part)) is not None:
+        return listed
     rows, columns, classes = _manifest_rows(part)
     if not columns:
         return Listed([])
@@ -459,6 +463,61 @@ def _list_manifest_part(part: Partition) -> Listed:
             item_url = f"{folder}/{source}"
         raws.append(Raw(source, item_url, labels, fields=fields))
     return Listed(raws, classes=classes)
+
+
+# A path that posixpath.normpath would change, or that is absolute or a URL: such row groups are listed row by row.
+SPECIAL_PATH = r"(^\.\.?/|^/|/\.\.?/|//|/\.?\.?$|^\.\.?$|://)"
+ARROW_LISTED = ("source", "url", "names", "indices", "size", "offset", "row", "fields")
+
+
+def _list_row_group_in_bulk(part: Partition) -> Listed | None:
+    """A Parquet row group of plain relative paths and typed labels, listed with Arrow kernels; None when any row
+    needs the row-by-row rules (absolute paths and URLs, paths to normalise, embedded images, untyped labels)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs, path = url_to_fs(part.url)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        path_col = next((c for c in PATH_COLUMNS if c in schema.names), None)
+        label_col = next((c for c in LABEL_COLUMNS if c in schema.names), None)
+        if path_col is None or label_col is None or not pa.types.is_string(schema.field(path_col).type):
+            return None
+        table = pf.read_row_group(part.row_group)
+    n = len(table)
+    paths, labels = table[path_col].combine_chunks(), table[label_col].combine_chunks()
+    if paths.null_count or (n and pc.min(pc.utf8_length(paths)).as_py() == 0) \
+            or pc.any(pc.match_substring_regex(paths, SPECIAL_PATH)).as_py():
+        return None
+    if pa.types.is_list(labels.type):
+        values = pc.list_flatten(labels)
+        if values.null_count:
+            return None
+        counts = pc.list_value_length(labels).fill_null(0).to_numpy(zero_copy_only=False)
+        bounds = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    elif not labels.null_count:
+        values = labels
+        bounds = pa.array(np.arange(n + 1, dtype=np.int32))
+    else:
+        return None
+    if pa.types.is_integer(values.type) and not pa.types.is_boolean(values.type):
+        indices = pa.ListArray.from_arrays(bounds, values.cast(pa.int64()))
+        names = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()))
+    elif pa.types.is_string(values.type):
+        names = pa.ListArray.from_arrays(bounds, values)
+        indices = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.int64()))
+    else:
+        return None
+    others = [c for c in table.column_names if c not in (path_col, label_col)]
+    fields = [json.dumps({k: _jsonable(v) for k, v in row.items()}) for row in table.select(others).to_pylist()] \
+        if others else [None] * n
+    minus_one = pa.array(np.full(n, -1, np.int64))
+    columns = [paths, pc.binary_join_element_wise(posixpath.dirname(part.url) + "/", paths, ""), names, indices,
+               minus_one, minus_one, minus_one, pa.array(fields, pa.string())]
+    return Listed([], table=pa.table(dict(zip(ARROW_LISTED, columns, strict=True))),
+                  classes=_hugging_face_classes(schema))
 
 
 def _manifest_rows(part: Partition) -> tuple[list[dict[str, Any]], list[str], list[str] | None]:
