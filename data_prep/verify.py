@@ -8,7 +8,6 @@ with the shard it was found in.
 
 from __future__ import annotations
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,31 +28,11 @@ class ShardCheck:
     problems: list[str] = field(default_factory=list)
 
 
-class _HashingReader:
-    """A read-only stream that hashes and counts every byte passing through it."""
-
-    def __init__(self, f):
-        self.f, self.sha = f, hashlib.sha256()
-        self.size = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.sha.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
 def check_shard(info: dataset_json.DatasetInfo, shard: dataset_json.Shard) -> ShardCheck:
     url = info.shard_url(shard)
     check = ShardCheck(shard.name)
-    fs, path = storage.filesystem(url)
     try:
-        with fs.open(path, "rb") as f:
-            stream = _HashingReader(f)
+        with storage.ResilientReader(url, block_size=8 << 20, sha256=True) as stream:
             source = {"url": url, "stream": stream}
             for sample in wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander([source])):
                 check.samples += 1
@@ -63,14 +42,15 @@ def check_shard(info: dataset_json.DatasetInfo, shard: dataset_json.Shard) -> Sh
                     decode_sample(shard.name, sample["__key__"], members, info.multi_label, info.num_classes)
                 except dataset_json.DatasetError as e:
                     check.problems.append(str(e))
-            stream.drain()  # the tar reader stops at the end-of-archive marker; the hash covers the whole object
+            while stream.read(8 << 20):  # the tar reader stops at the end-of-archive marker; hash the whole object
+                pass
     except FileNotFoundError:
         check.problems.append(f"{shard.name}: missing ({url})")
         return check
     except Exception as e:  # any reader failure is a finding about this shard, not a crash of the report
         check.problems.append(f"{shard.name}: unreadable by webdataset: {type(e).__name__}: {e}")
         return check
-    check.bytes, check.sha256 = stream.size, stream.sha.hexdigest()
+    check.bytes, check.sha256 = stream.offset, stream.digest.hexdigest()
     if check.bytes != shard.bytes:
         check.problems.append(f"{shard.name}: {check.bytes} bytes, dataset.json says {shard.bytes}")
     if check.sha256 != shard.sha256:
@@ -98,9 +78,9 @@ def verify(url: str, threads: int = 8) -> tuple[list[str], dict[str, Any]]:
     if info.inputs != info.samples + info.rejected:
         problems.append(f"dataset.json: inputs {info.inputs} != samples {info.samples} + rejected {info.rejected}")
     try:
-        lines = [line for line in storage.read_bytes(storage.join(info.url, "rejected.jsonl")).splitlines() if line]
-        if len(lines) != info.rejected:
-            problems.append(f"rejected.jsonl: {len(lines)} entries, dataset.json says {info.rejected}")
+        lines = _count_lines(storage.join(info.url, "rejected.jsonl"))
+        if lines != info.rejected:
+            problems.append(f"rejected.jsonl: {lines} entries, dataset.json says {info.rejected}")
     except FileNotFoundError:
         problems.append(f"rejected.jsonl: missing from {info.url}")
     summary = {
@@ -112,3 +92,13 @@ def verify(url: str, threads: int = 8) -> tuple[list[str], dict[str, Any]]:
         "multi_label": info.multi_label,
     }
     return problems, summary
+
+
+def _count_lines(url: str) -> int:
+    """Lines of a text file, streamed: rejected.jsonl may hold millions."""
+    lines, last = 0, b"\n"
+    with storage.ResilientReader(url, block_size=8 << 20) as f:
+        while chunk := f.read(8 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
