@@ -10,7 +10,6 @@ dataset reads no shard's bytes (`mixer verify` re-hashes them all).
 
 from __future__ import annotations
 
-import io
 import os
 import posixpath
 import tarfile
@@ -19,13 +18,13 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 
 from data_prep.images import Encoded, ImagePolicy, Rejected, process
 from data_prep.plan import Piece, ShardPlan, ShardSpec, shard_from_pieces
-from data_prep.sources import Item, read_item
+from data_prep.sources import Item, is_local_path, read_item
 from pipeline import storage
 from pipeline.shard_format import encode_sample
 
@@ -84,7 +83,7 @@ def make_shard(
     samples = kept = input_bytes = 0
     with tempfile.TemporaryDirectory(prefix="mixer-shard-") as tmp:
         local = os.path.join(tmp, shard.name)
-        with tarfile.open(local, "w", format=tarfile.USTAR_FORMAT) as tar:
+        with open(local, "wb") as tar:
             for (key, item), data in zip(shard.samples, _read_ahead([item for _, item in shard.samples]),
                                          strict=True):
                 try:
@@ -98,6 +97,7 @@ def make_shard(
                 samples += 1
                 kept += not encoded.meta["changes"]
                 input_bytes += len(data)
+            _end_of_archive(tar)
         stats: dict[str, Any] = {"name": shard.name, "split": shard.split, "inputs": len(shard.samples),
                                  "samples": samples, "bytes": 0, "sha256": None}
         if samples:
@@ -112,7 +112,11 @@ def make_shard(
 
 
 def _read_ahead(items: list[Item]) -> Iterator[bytes | Rejected]:
-    """The inputs' bytes in order, fetched a few at a time in threads: object stores answer slowly but in parallel."""
+    """The inputs' bytes in order: from local disk one after another, from an object store a few at a time in
+    threads (it answers slowly but in parallel)."""
+    if all(is_local_path(item.url) for item in items):
+        yield from map(_read_one, items)
+        return
     with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
         pending: deque[Future] = deque()
         upcoming = iter(items)
@@ -136,7 +140,7 @@ def _read_one(item: Item) -> bytes | Rejected:
 
 
 def _add_sample(
-    tar: tarfile.TarFile, key: str, item: Item, encoded: Encoded, source_bytes: int, classes: list[str],
+    tar: BinaryIO, key: str, item: Item, encoded: Encoded, source_bytes: int, classes: list[str],
     multi_label: bool,
 ) -> None:
     meta: dict[str, Any] = {"source": item.source, "source_bytes": source_bytes, **encoded.meta}
@@ -150,12 +154,39 @@ def _add_sample(
         _add_member(tar, name, data)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    # Fixed owner, mode and time: the same samples give the same bytes on any machine, any day.
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
+def _header(name: str, size: int) -> bytes:
+    """The USTAR header tarfile writes for a regular file with fixed owner, mode and time, so the same samples give
+    the same bytes on any machine, any day; filled into a template, four times cheaper than tarfile's own path."""
+    raw = name.encode()
+    if len(raw) > 100:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, 0, 0o644, 0, 0, "", ""
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(_TEMPLATE)
+    header[0:100] = raw.ljust(100, b"\0")
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"%06o\0 " % sum(header)  # the checksum counts its own field as eight spaces
+    return bytes(header)
+
+
+def _template() -> bytes:
+    info = tarfile.TarInfo("")
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0, 0o644, 0, 0, "", ""
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    header[148:156] = b" " * 8
+    return bytes(header)
+
+
+_TEMPLATE = _template()
+
+
+def _add_member(tar: BinaryIO, name: str, data: bytes) -> None:
+    tar.write(_header(name, len(data)))
+    tar.write(data)
+    tar.write(bytes(-len(data) % tarfile.BLOCKSIZE))
+
+
+def _end_of_archive(tar: BinaryIO) -> None:
+    """Two zero blocks, then zeros to a whole record: what tarfile writes on close."""
+    tar.write(bytes(2 * tarfile.BLOCKSIZE))
+    tar.write(bytes(-tar.tell() % tarfile.RECORDSIZE))

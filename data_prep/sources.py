@@ -185,15 +185,22 @@ def read_classes_file(url: str) -> list[str]:
 def read_item(item: Item) -> bytes:
     """The raw bytes of one input. A missing or forbidden file is Rejected; other I/O errors propagate so the
     shard is retried rather than the image dropped."""
-    fs, path = url_to_fs(item.url)
     try:
         if item.row >= 0:
-            return _read_parquet_image(fs, path, item)
-        if item.offset < 0:
-            return fs.cat_file(path)
-        if item.size == 0:
+            return _read_parquet_image(*url_to_fs(item.url), item)
+        if item.size == 0 and item.offset >= 0:
             return b""  # an empty byte range means "to the end" to some stores
-        data = fs.cat_file(path, start=item.offset, end=item.offset + item.size)
+        if is_local_path(item.url):
+            with open(item.url.removeprefix("file://"), "rb") as f:
+                if item.offset < 0:
+                    return f.read()
+                f.seek(item.offset)
+                data = f.read(item.size)
+        else:
+            fs, path = url_to_fs(item.url)
+            if item.offset < 0:
+                return fs.cat_file(path)
+            data = fs.cat_file(path, start=item.offset, end=item.offset + item.size)
     except FileNotFoundError as e:
         raise Rejected("missing", f"file not found: {item.url}") from e
     except (PermissionError, IsADirectoryError) as e:
@@ -201,6 +208,11 @@ def read_item(item: Item) -> bytes:
     if len(data) != item.size:
         raise Rejected("truncated", f"the tar ends {item.size - len(data)} bytes into this member")
     return data
+
+
+def is_local_path(url: str) -> bool:
+    """A plain path or file:// URL: read with the operating system directly, no filesystem layer in between."""
+    return "://" not in url or url.startswith("file://")
 
 
 def _read_parquet_image(fs, path: str, item: Item) -> bytes:
