@@ -39,8 +39,9 @@ from pipeline.errors import MixerError
 
 SPLITS = ("train", "val")
 KEY_PREFIX_CHARS = 40
-ROWS_PER_BUCKET = 500_000
-ROWS_PER_LIST_TASK = 500_000
+# Few, large tasks: the driver's bookkeeping grows with tasks times buckets, a worker holds a bucket in Arrow.
+ROWS_PER_BUCKET = 2_000_000
+ROWS_PER_LIST_TASK = 1_000_000
 BLOCKS = 4096  # digest blocks, and the most buckets
 MASK64 = (1 << 64) - 1
 
@@ -222,10 +223,10 @@ def plan_source(
     parts: Partitions, options: PlanOptions, *, classes_file: str | None = None, runner: Runner | None = None,
     workers: int = 1,
 ) -> Plan:
-    """Plan the shards of a source cut into `parts`; `workers` only sets how finely the listing is cut into tasks."""
+    """Plan the shards of a source cut into `parts`; `workers` only sets how finely the work is cut into tasks."""
     options.check()
     runner = runner or Runner()
-    wanted = max(1, math.ceil(parts.estimated_inputs() / ROWS_PER_BUCKET))
+    wanted = max(1, math.ceil(parts.estimated_inputs() / ROWS_PER_BUCKET), workers)
     buckets = min(BLOCKS, 1 << (wanted - 1).bit_length())  # a power of two, so every digest block is in one bucket
     seed_mix = splitmix64(options.seed & MASK64)
 
@@ -273,7 +274,7 @@ def plan_source(
     offsets = np.zeros(len(classes), np.int64)
     split = []
     for kept, _, info in cleaned:
-        split.append(runner.call(_split_task, kept, offsets, held_out, totals_ref, num_returns=2))
+        split.append(runner.call(_split_task, kept, runner.put(offsets.copy()), held_out, totals_ref, num_returns=2))
         offsets += runner.get(info)["counts"]
     counts = {name: np.zeros(buckets, np.int64) for name in SPLITS}
     sample_blocks: dict[int, str] = {}
