@@ -116,9 +116,13 @@ def prepare(
     return summary
 
 
+def _splits_and_reasons(s: dict[str, Any]) -> tuple[str, str]:
+    splits = ", ".join(f"{name} {n:,} samples in {s['shards'][name]:,} shards" for name, n in s["samples"].items())
+    return splits, ", ".join(f"{reason} {n:,}" for reason, n in s["rejected"].items()) or "none"
+
+
 def format_summary(s: dict[str, Any]) -> str:
-    splits = ", ".join(f"{name} {n:,} samples in {s['shards'][name]} shards" for name, n in s["samples"].items())
-    reasons = ", ".join(f"{reason} {n}" for reason, n in s["rejected"].items()) or "none"
+    splits, reasons = _splits_and_reasons(s)
     return (
         f"prepared {s['dest']}: {s['inputs']:,} inputs -> {splits}\n"
         f"  rejected {sum(s['rejected'].values()):,} ({reasons}); see rejected.jsonl\n"
@@ -128,8 +132,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def format_plan(s: dict[str, Any]) -> str:
-    splits = ", ".join(f"{name} {n:,} samples in {s['shards'][name]:,} shards" for name, n in s["samples"].items())
-    reasons = ", ".join(f"{reason} {n:,}" for reason, n in s["rejected"].items()) or "none"
+    splits, reasons = _splits_and_reasons(s)
     return (
         f"plan for {s['dest']} ({s['layout']}, {s['partitions']:,} partitions): {s['inputs']:,} inputs, "
         f"{s['classes']:,} classes{' (multi-label)' if s['multi_label'] else ''} -> {splits}\n"
