@@ -232,29 +232,7 @@ def plan_source(
 
     listed = [runner.call(_list_task, group, parts.layout, seed_mix, buckets, num_returns=buckets + 1)
               for group in _groups(parts.parts, workers)]
-    inputs, hidden, names, max_index, kinds, declared = 0, 0, set(), -1, set(), None
-    for refs in listed:
-        summary = runner.get(refs[0])
-        inputs += summary["inputs"]
-        hidden += summary["hidden"]
-        names |= summary["names"]
-        max_index = max(max_index, summary["max_index"])
-        kinds |= summary["kinds"]
-        declared = declared or summary["declared"]
-    if inputs == 0:
-        raise SourceError(f"no inputs found in the {parts.layout} source ({len(parts.parts)} partitions listed)")
-    if len(kinds) > 1:
-        raise SourceError("labels mix class names and indices; use one kind throughout")
-    if classes_file:
-        classes = read_classes_file(classes_file)
-    elif kinds == {"index"}:
-        # Names the source declares stay even when a row's index is out of their range: that row is refused.
-        classes = declared or [str(i) for i in range(max_index + 1)]
-    else:
-        classes = sorted(names)
-    notes = list(parts.notes)
-    if hidden:
-        notes.append(f"ignored {hidden} hidden files (names starting with '.') inside the partitions")
+    classes, inputs, notes = _classes(runner, listed, parts, classes_file)
 
     classes_ref = runner.put(classes)
     cleaned = [runner.call(_clean_task, classes_ref, *[refs[1 + b] for refs in listed], num_returns=3)
@@ -290,6 +268,35 @@ def plan_source(
         digest.update(f"{sample_blocks.get(block, '-')}{rejected_blocks.get(block, '-')}".encode())
     return Plan(parts.layout, classes, multi_label, inputs, digest.hexdigest(), shards, dict(sorted(reasons.items())),
                 notes, runner, [s[0] for s in split], starts, counts, [c[1] for c in cleaned])
+
+
+def _classes(runner: Runner, listed: list[Any], parts: Partitions,
+             classes_file: str | None) -> tuple[list[str], int, list[str]]:
+    """The class names (in index order), the number of inputs and the notes, from the listing tasks' summaries."""
+    inputs, hidden, names, max_index, kinds, declared = 0, 0, set(), -1, set(), None
+    for refs in listed:
+        summary = runner.get(refs[0])
+        inputs += summary["inputs"]
+        hidden += summary["hidden"]
+        names |= summary["names"]
+        max_index = max(max_index, summary["max_index"])
+        kinds |= summary["kinds"]
+        declared = declared or summary["declared"]
+    if inputs == 0:
+        raise SourceError(f"no inputs found in the {parts.layout} source ({len(parts.parts)} partitions listed)")
+    if len(kinds) > 1:
+        raise SourceError("labels mix class names and indices; use one kind throughout")
+    if classes_file:
+        classes = read_classes_file(classes_file)
+    elif kinds == {"index"}:
+        # Names the source declares stay even when a row's index is out of their range: that row is refused.
+        classes = declared or [str(i) for i in range(max_index + 1)]
+    else:
+        classes = sorted(names)
+    notes = list(parts.notes)
+    if hidden:
+        notes.append(f"ignored {hidden} hidden files (names starting with '.') inside the partitions")
+    return classes, inputs, notes
 
 
 def _groups(parts: list[Partition], workers: int) -> list[list[Partition]]:
@@ -434,17 +441,7 @@ def _clean_task(classes: list[str], *tables: pa.Table) -> tuple[pa.Table, pa.Tab
         detail[row] = unknown_detail(table, int(row), classes)
     kept_rows = np.flatnonzero(pending & has_label & ~unknown.astype(bool))
 
-    # Each kept row's labels, sorted and without repeats, as one list column.
-    keep = np.isin(parents, kept_rows)
-    parents, labels = parents[keep], labels[keep]
-    order = np.lexsort((labels, parents))
-    parents, labels = parents[order], labels[order]
-    fresh = np.ones(len(labels), bool)
-    fresh[1:] = (parents[1:] != parents[:-1]) | (labels[1:] != labels[:-1])
-    parents, labels = parents[fresh], labels[fresh]
-    position = np.searchsorted(kept_rows, parents)
-    per_row = np.bincount(position, minlength=len(kept_rows))
-    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    labels, offsets, per_row = _label_lists(labels, parents, kept_rows)
     first = labels[offsets[:-1]] if len(kept_rows) else np.zeros(0, np.int64)
 
     kept = table.take(kept_rows)
@@ -469,6 +466,20 @@ def _clean_task(classes: list[str], *tables: pa.Table) -> tuple[pa.Table, pa.Tab
             "multi_label": bool((per_row > 1).any()), "reasons": Counter(reason[refused_rows].tolist()),
             "blocks": _block_digests(rejected, ("source", "reason", "detail"))}
     return samples, rejected.drop_columns(["h"]), info
+
+
+def _label_lists(labels: np.ndarray, parents: np.ndarray,
+                 rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The labels of `rows`, each row's sorted and without repeats: (values, offsets, labels per row)."""
+    keep = np.isin(parents, rows)
+    parents, labels = parents[keep], labels[keep]
+    order = np.lexsort((labels, parents))
+    parents, labels = parents[order], labels[order]
+    fresh = np.ones(len(labels), bool)
+    fresh[1:] = (parents[1:] != parents[:-1]) | (labels[1:] != labels[:-1])
+    parents, labels = parents[fresh], labels[fresh]
+    per_row = np.bincount(np.searchsorted(rows, parents), minlength=len(rows))
+    return labels, np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32), per_row
 
 
 def _indexed_labels(table: pa.Table, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

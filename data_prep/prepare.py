@@ -257,12 +257,16 @@ def _run(
             bar.set_postfix_str(f"{images / (time.perf_counter() - started):.1f} images/s")
     bar.close()
     if failed:
-        listed = "\n".join(f"  {name}: {reason}" for name, reason in sorted(failed.items()))
-        raise PrepareError(
-            f"{len(failed)} of {len(plan.shards)} shards failed after {retries + 1} attempts; dataset.json not "
-            f"written. Fix the cause and re-run the same command: completed shards are kept.\n{listed}"
-        )
+        _raise_failed(failed, len(plan.shards), retries)
     return stats, spooled
+
+
+def _raise_failed(failed: dict[str, str], shards: int, retries: int) -> None:
+    listed = "\n".join(f"  {name}: {reason}" for name, reason in sorted(failed.items()))
+    raise PrepareError(
+        f"{len(failed)} of {shards} shards failed after {retries + 1} attempts; dataset.json not "
+        f"written. Fix the cause and re-run the same command: completed shards are kept.\n{listed}"
+    )
 
 
 def _write_rejected(dest: str, plan: Plan, spool, spooled: dict[str, tuple[int, int]]) -> Counter:
