@@ -39,9 +39,13 @@ from pipeline.errors import MixerError
 
 SPLITS = ("train", "val")
 KEY_PREFIX_CHARS = 40
-# Few, large tasks: the driver's bookkeeping grows with tasks times buckets, a worker holds a bucket in Arrow.
+# Few, large tasks: the driver refers to every (list task, bucket) output until the buckets are cleaned, and a
+# worker holds a bucket in Arrow.
 ROWS_PER_BUCKET = 2_000_000
 ROWS_PER_LIST_TASK = 1_000_000
+# Ray returns results under 100 KiB inline, through the driver's memory; at about 80 B a row, an output planned to
+# hold this many rows never is, so the listing stays in the object store.
+ROWS_PER_LIST_OUTPUT = 4096
 BLOCKS = 4096  # digest blocks, and the most buckets
 MASK64 = (1 << 64) - 1
 
@@ -198,14 +202,6 @@ def shard_from_pieces(shard: ShardSpec, pieces: list[Piece], *tables: pa.Table) 
     return ShardPlan(shard.name, shard.split, samples)
 
 
-def splitmix64(x: int) -> int:
-    """A bijection of 64-bit integers that scatters nearby inputs (Steele, Lea and Flood's SplitMix64 finaliser)."""
-    x = (x + 0x9E3779B97F4A7C15) & MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
-    return x ^ (x >> 31)
-
-
 def source_hash(source: str) -> int:
     """The 64 bits of sha1(source) that also name the sample (its key)."""
     return int.from_bytes(hashlib.sha1(source.encode()).digest()[:8], "big")
@@ -228,10 +224,11 @@ def plan_source(
     runner = runner or Runner()
     wanted = max(1, math.ceil(parts.estimated_inputs() / ROWS_PER_BUCKET), workers)
     buckets = min(BLOCKS, 1 << (wanted - 1).bit_length())  # a power of two, so every digest block is in one bucket
-    seed_mix = splitmix64(options.seed & MASK64)
+    seed_mix = int(splitmix64(np.array([options.seed & MASK64], np.uint64))[0])
 
+    tasks = _list_task_count(parts.estimated_inputs(), len(parts.parts), buckets, workers)
     listed = [runner.call(_list_task, group, parts.layout, seed_mix, buckets, num_returns=buckets + 1)
-              for group in _groups(parts.parts, workers)]
+              for group in _groups(parts.parts, tasks)]
     classes, inputs, notes = _classes(runner, listed, parts, classes_file)
 
     classes_ref = runner.put(classes)
@@ -241,6 +238,7 @@ def plan_source(
     totals = np.zeros(len(classes), np.int64)
     multi_label, reasons, rejected_blocks = False, Counter(), {}
     for _, _, info in cleaned:
+        # Fetched again below rather than kept: per-class counts of every bucket would be O(buckets x classes).
         info = runner.get(info)
         totals += info["counts"]
         multi_label |= info["multi_label"]
@@ -299,10 +297,17 @@ def _classes(runner: Runner, listed: list[Any], parts: Partitions,
     return classes, inputs, notes
 
 
-def _groups(parts: list[Partition], workers: int) -> list[list[Partition]]:
-    """Consecutive partitions in groups of about ROWS_PER_LIST_TASK rows, and at least a few groups per worker."""
+def _list_task_count(inputs: int, parts: int, buckets: int, workers: int) -> int:
+    """About ROWS_PER_LIST_TASK rows a task and at least four tasks a worker, at most a task a partition, and never
+    so many that a task's share of a bucket drops under ROWS_PER_LIST_OUTPUT rows: so the driver's references grow
+    with the inputs, not with their square, and none of the outputs passes through it."""
+    wanted = max(math.ceil(inputs / ROWS_PER_LIST_TASK), 4 * max(1, workers))
+    return max(1, min(parts, wanted, inputs // (buckets * ROWS_PER_LIST_OUTPUT)))
+
+
+def _groups(parts: list[Partition], count: int) -> list[list[Partition]]:
+    """Consecutive partitions in `count` groups of about the same number of rows."""
     total = sum(max(p.rows, 1) for p in parts)
-    count = min(len(parts), max(math.ceil(total / ROWS_PER_LIST_TASK), 4 * max(1, workers)))
     target = total / count
     groups: list[list[Partition]] = [[]]
     rows = 0
@@ -335,8 +340,9 @@ LISTED = pa.schema([
 SAMPLE_COLUMNS = ("key", "source", "url", "labels", "size", "offset", "row", "fields")
 
 
-def splitmix64_array(x: np.ndarray) -> np.ndarray:
-    """splitmix64 over a uint64 array (numpy's unsigned arithmetic wraps like the 64-bit original)."""
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijection of 64-bit integers that scatters nearby inputs (Steele, Lea and Flood's SplitMix64 finaliser),
+    over a uint64 array: numpy's unsigned arithmetic wraps like the 64-bit original."""
     with np.errstate(over="ignore"):
         x = x + np.uint64(0x9E3779B97F4A7C15)
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -360,9 +366,10 @@ def _list_task(parts: list[Partition], layout: str, seed_mix: int, buckets: int)
         summary["declared"] = summary["declared"] or listed.classes
         tables.append(_listed_table(part, listed))
         summary["inputs"] += len(tables[-1])
+    # A source with no partitions at all still lists (nothing), so that planning says there are no inputs.
     table = pa.concat_tables(tables).combine_chunks() if tables else LISTED.empty_table()
     s = np.array([source_hash(source) for source in table["source"].to_pylist()], np.uint64)
-    h = splitmix64_array(s ^ np.uint64(seed_mix))
+    h = splitmix64(s ^ np.uint64(seed_mix))
     table = table.set_column(0, "h", pa.array(h)).set_column(1, "s", pa.array(s))
     flat_names, flat_indices = pc.list_flatten(table["names"]), pc.list_flatten(table["indices"])
     summary["names"] = set(pc.unique(flat_names).to_pylist())
@@ -414,7 +421,7 @@ def _names_and_indices(labels: list[str | int]) -> tuple[list[str], list[int]]:
 
 def _clean_task(classes: list[str], *tables: pa.Table) -> tuple[pa.Table, pa.Table, dict[str, Any]]:
     """Sort by h; refuse second listings, inputs without labels or with unknown ones; index labels; key samples."""
-    table = pa.concat_tables(tables).combine_chunks() if tables else LISTED.empty_table()
+    table = pa.concat_tables(tables).combine_chunks()
     table = table.take(pc.sort_indices(table, sort_keys=[("h", "ascending"), ("source", "ascending"),
                                                          ("part", "ascending"), ("number", "ascending")]))
     n = len(table)
@@ -438,7 +445,7 @@ def _clean_task(classes: list[str], *tables: pa.Table) -> tuple[pa.Table, pa.Tab
     detail[no_label] = "the manifest gives it no label"
     for row in np.flatnonzero(pending & unknown.astype(bool)):
         reason[row] = "unknown-class"
-        detail[row] = unknown_detail(table, int(row), classes)
+        detail[row] = _unknown_detail(table, int(row), classes)
     kept_rows = np.flatnonzero(pending & has_label & ~unknown.astype(bool))
 
     labels, offsets, per_row = _label_lists(labels, parents, kept_rows)
@@ -499,7 +506,7 @@ def _indexed_labels(table: pa.Table, classes: list[str]) -> tuple[np.ndarray, np
     return values, rows, unknown
 
 
-def unknown_detail(table: pa.Table, row: int, classes: list[str]) -> str:
+def _unknown_detail(table: pa.Table, row: int, classes: list[str]) -> str:
     known = set(classes)
     for name in table["names"][row].as_py() or []:
         if name not in known:

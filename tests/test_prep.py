@@ -328,6 +328,7 @@ def test_same_bytes_whatever_the_workers_buckets_and_manifest_parts(ray_cluster,
     for part, (a, b) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
         (source / f"part-{part:02d}.jsonl").write_text("".join(whole[a:b]))
     monkeypatch.setattr(data_prep.plan, "ROWS_PER_BUCKET", 5)  # many buckets instead of one
+    monkeypatch.setattr(data_prep.plan, "ROWS_PER_LIST_OUTPUT", 1)  # and a list task per part
     made["7-parts-4-workers"] = prepare(str(source), str(tmp_path / "7-parts-4-workers"),
                                         PrepareOptions(**{**options.__dict__, "layout": "manifest"}), workers=4,
                                         progress=False)

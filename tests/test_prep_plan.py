@@ -116,12 +116,25 @@ def test_bad_options_are_refused_by_name(folder_5x30):
         _plan(folder_5x30, PlanOptions(val_fraction=1.5))
 
 
+def test_list_outputs_stay_large_enough_to_keep_out_of_the_driver():
+    # ImageNet-21k on 64 workers: 64 buckets, and list tasks capped so each (task, bucket) output holds >= 4096 rows.
+    tasks = data_prep.plan._list_task_count(14_200_000, 21_841, 64, 64)
+    assert 14_200_000 / (tasks * 64) >= data_prep.plan.ROWS_PER_LIST_OUTPUT
+    assert tasks >= 32  # still most of the cluster listing at once
+    # JFT-300M: about a million rows a task, and the references the driver holds grow with the inputs.
+    tasks, buckets = data_prep.plan._list_task_count(300_000_000, 4_000, 256, 64), 256
+    assert 200 <= tasks <= 300 and tasks * buckets <= 300_000_000 // data_prep.plan.ROWS_PER_LIST_OUTPUT
+    assert data_prep.plan._list_task_count(1_000, 3, 1, 8) == 1  # a small source lists in one task
+    assert data_prep.plan._list_task_count(0, 0, 1, 1) == 1
+
+
 def test_the_plan_does_not_depend_on_buckets_list_tasks_or_workers(folder_5x30, monkeypatch):
     options = PlanOptions(shard_size=16, val_per_class=3, seed=5)
     reference = _plan(folder_5x30, options)
     assert len(reference.tables) == 1  # the default: one bucket for this small source
     monkeypatch.setattr(data_prep.plan, "ROWS_PER_BUCKET", 7)
     monkeypatch.setattr(data_prep.plan, "ROWS_PER_LIST_TASK", 3)
+    monkeypatch.setattr(data_prep.plan, "ROWS_PER_LIST_OUTPUT", 1)
     for workers in (1, 4):
         cut = _plan(folder_5x30, options, workers=workers)
         assert len(cut.tables) > 100, workers  # many buckets, most of them holding a sample or none
