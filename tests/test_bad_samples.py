@@ -3,7 +3,8 @@ the trainer logs the skips (RUN/skipped.jsonl, `skipped_samples`) and stops only
 
 Unit tests build small datasets by hand (plain tars of `shard_format.encode_sample` members, with real sizes and
 sha256 in dataset.json); the integration tests rot a copy of the `mixer prepare` sample dataset and train on it with
-two Ray Train workers."""
+two Ray Train workers (a few rotten samples through a stop and resume: tests/test_resume.py, whose runs all train on
+such a copy)."""
 
 from __future__ import annotations
 
@@ -311,9 +312,10 @@ def test_max_skipped_fraction_is_checked_and_left_out_of_the_run_identity():
 
 # ---------------------------------------------------------------------------------------------------------------
 # training on 2 Ray Train workers: a rotten copy of the sample dataset (16 train shards x 20, 8 streams, batch 32:
-# 10 batches an epoch, none dropped)
+# 10 batches an epoch, none dropped). The runs of tests/test_resume.py train on one too (3 rotten samples): an
+# unbroken run and one stopped and resumed skip, replace and log the same samples.
 
-STEPS, HALF = 20, 13  # two epochs; the stop falls inside the second
+STEPS = 20  # two epochs
 
 
 def rot(src: str, dst: str, tmp: str, fraction: float, seed: int) -> set[str]:
@@ -342,39 +344,8 @@ def rot(src: str, dst: str, tmp: str, fraction: float, seed: int) -> set[str]:
     return rotten
 
 
-def _skip_lines(run_url: str) -> list[dict]:
+def skip_lines(run_url: str) -> list[dict]:
     return [json.loads(x) for x in storage.read_bytes(storage.join(run_url, "skipped.jsonl")).decode().splitlines()]
-
-
-def _losses(run_url: str) -> dict[int, float]:
-    return {x["step"]: x["loss"] for x in read_metrics(run_url)[0]}
-
-
-def test_a_few_rotten_samples_are_skipped_and_a_resumed_run_skips_the_same(sample_dataset, ray_cluster, tmp_path):
-    ds = str(tmp_path / "ds")
-    rotten = rot(sample_dataset, ds, str(tmp_path), 0.01, seed=2)
-    assert len(rotten) == 3
-
-    def spec(url: str, **kw) -> config.Spec:
-        return tiny_spec(ds, url, schedule__total_steps=STEPS, data__max_skipped_fraction=0.05, **kw)
-
-    unbroken, resumed = str(tmp_path / "unbroken"), str(tmp_path / "resumed")
-    run_training(spec(unbroken))
-    train, _ = read_metrics(unbroken)
-    lines = _skip_lines(unbroken)
-    assert [x["step"] for x in train] == list(range(1, STEPS + 1))
-    assert train[-1]["skipped_samples"] == len(lines) == 2 * len(rotten), "2 epochs, each sample once in each"
-    assert {x["key"] for x in lines} == rotten and all("not a JPEG or PNG" in x["reason"] for x in lines)
-    for x in train:  # cumulative over the ranks, as of each step
-        assert x["skipped_samples"] == sum(line["step"] <= x["step"] for line in lines)
-    assert min(x["step"] for x in lines) <= HALF < max(x["step"] for x in lines), "skips on both sides of the stop"
-
-    run_training(spec(resumed, run__stop_after=HALF))
-    assert max(_losses(resumed)) == HALF
-    run_training(spec(resumed))
-    assert _losses(resumed) == _losses(unbroken)
-    assert _skip_lines(resumed) == lines
-    assert read_metrics(resumed)[0][-1]["skipped_samples"] == len(lines)
 
 
 def _error_text(e: BaseException | None) -> str:
@@ -395,7 +366,7 @@ def test_a_rotten_dataset_stops_the_run_with_the_fraction_threshold_and_worst_sh
     with pytest.raises(Exception) as e:  # noqa: B017 - whatever Ray Train wraps the workers' DatasetError in
         run_training(tiny_spec(ds, url, schedule__total_steps=STEPS, data__max_skipped_fraction=0.1))
     message = _error_text(e.value)
-    lines = _skip_lines(url)
+    lines = skip_lines(url)
     train, _ = read_metrics(url)
     assert train[-1]["step"] == 4 and train[-1]["skipped_samples"] == len(lines)
     # The whole message reaches the driver (Ray Train shows it the last 500 characters of a worker's traceback).
