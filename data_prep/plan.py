@@ -27,6 +27,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_prep.sources import Item, Listed, Partition, Partitions, SourceError, list_partition, read_classes_file
+from data_prep.sources import (
+    Item,
+    Listed,
+    Partition,
+    Partitions,
+    SourceError,
+    is_local_path,
+    list_partition,
+    read_classes_file,
+)
 from pipeline.errors import MixerError
 
 SPLITS = ("train", "val")
@@ -46,6 +56,9 @@ ROWS_PER_LIST_TASK = 1_000_000
 # Ray returns results under 100 KiB inline, through the driver's memory; at about 80 B a row, an output planned to
 # hold this many rows never is, so the listing stays in the object store.
 ROWS_PER_LIST_OUTPUT = 4096
+# Partitions a list task reads at once from an object store, which answers slowly but in parallel (a tar's headers
+# cost a ranged read each).
+LIST_THREADS = 16
 BLOCKS = 4096  # digest blocks, and the most buckets
 MASK64 = (1 << 64) - 1
 
@@ -359,13 +372,20 @@ def _top_bits(h: np.ndarray, count: int) -> np.ndarray:
 
 def _list_task(parts: list[Partition], layout: str, seed_mix: int, buckets: int) -> list[Any]:
     summary: dict[str, Any] = {"inputs": 0, "hidden": 0, "declared": None}
+    def list_one(part: Partition) -> tuple[pa.Table, Listed]:
+        listed = list_partition(part, layout)
+        table = _listed_table(part, listed)
+        listed.raws.clear()  # held as a table from here on
+        return table, listed
+
     tables = []
-    for part in parts:
-        listed: Listed = list_partition(part, layout)
-        summary["hidden"] += listed.hidden
-        summary["declared"] = summary["declared"] or listed.classes
-        tables.append(_listed_table(part, listed))
-        summary["inputs"] += len(tables[-1])
+    threads = 1 if all(is_local_path(part.url) for part in parts) else LIST_THREADS
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for table, listed in pool.map(list_one, parts):
+            summary["hidden"] += listed.hidden
+            summary["declared"] = summary["declared"] or listed.classes
+            tables.append(table)
+            summary["inputs"] += len(table)
     # A source with no partitions at all still lists (nothing), so that planning says there are no inputs.
     table = pa.concat_tables(tables).combine_chunks() if tables else LISTED.empty_table()
     s = np.array([source_hash(source) for source in table["source"].to_pylist()], np.uint64)
