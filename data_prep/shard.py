@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import socket
 import tarfile
 import tempfile
 import time
@@ -106,7 +107,7 @@ def make_shard(
             storage.put_file_atomic(local, shard_url(dest, shard.name))
             stats["object"] = storage.object_identity(shard_url(dest, shard.name))
     stats.update(rejected=rejected, kept_original=kept, input_bytes=input_bytes,
-                 seconds=round(time.perf_counter() - started, 3))
+                 seconds=round(time.perf_counter() - started, 3), host=socket.gethostname())
     storage.write_json_atomic(stats_url(dest, shard.name), stats)
     return stats
 

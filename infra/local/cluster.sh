@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Several Ray hosts on one machine, for trying multi-host journeys (prep spread over hosts, a host lost mid-run, a
+# replacement joining) without a cloud: a Ray head with no CPUs, and worker hosts each started by `ray start` inside
+# `unshare --uts --mount`, with its own host name (host-I), its own /etc/hosts (bind-mounted, so the name resolves),
+# its own node IP on the loopback range (127.0.0.(I+1)) and its own temp folder. Needs root (or the right to
+# unshare namespaces); everything listens on loopback addresses only.
+#
+#   infra/local/cluster.sh up N [STATE_DIR]          # head + host-1..host-N; STATE_DIR defaults to out/hosts
+#   . out/hosts/env                                  # RAY_ADDRESS and the token for `mixer ... --ray-address auto`
+#   infra/local/cluster.sh kill-node I [STATE_DIR]   # SIGKILL every process of host-I, as a lost machine would
+#   infra/local/cluster.sh add-node I [STATE_DIR]    # start host-I (again), e.g. a replacement
+#   infra/local/cluster.sh down [STATE_DIR]          # stop the hosts and the head
+#
+# The head listens on 127.0.1.1, not 127.0.0.1: once nodes of other IPs may join (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+# on every process of the cluster), Ray reads 127.0.0.1 as "this machine" and swaps in its network address, where
+# nothing listens. Token authentication: the token is made once, kept in STATE_DIR/token (mode 600) and handed to
+# every process in its environment, never on a command line. Processes inherit this script's environment, so the
+# S3 endpoint and keys a job needs (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...) are set before `up` or `add-node`.
+# Settings (environment): RAY_PORT 6390, CPUS_PER_HOST 1, OBJECT_STORE_MB 200.
+set -euo pipefail
+
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -ge 1 ] || usage
+COMMAND=$1
+shift
+case $COMMAND in
+  up | kill-node | add-node) [ $# -ge 1 ] || usage; ARG=$1; shift ;;
+  down) ARG= ;;
+  *) usage ;;
+esac
+STATE_DIR=$(mkdir -p "${1:-out/hosts}" && cd "${1:-out/hosts}" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+HEAD_IP=127.0.1.1
+RAY_PORT=${RAY_PORT:-6390}
+CPUS_PER_HOST=${CPUS_PER_HOST:-1}
+OBJECT_STORE_MB=${OBJECT_STORE_MB:-200}
+[ -x "$REPO/.venv/bin/ray" ] && export PATH="$REPO/.venv/bin:$PATH"
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token
+
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+token() {
+  if [ ! -f "$STATE_DIR/token" ]; then
+    (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$STATE_DIR/token")
+  fi
+  RAY_AUTH_TOKEN=$(cat "$STATE_DIR/token")
+  export RAY_AUTH_TOKEN
+}
+
+wait_started() {  # NAME SECONDS: until the `ray start` of NAME (head, host-I) says its node runs
+  local pid
+  pid=$(cat "$STATE_DIR/$1.pid")
+  for _ in $(seq "$(($2 * 10))"); do
+    grep -q "Ray runtime started" "$STATE_DIR/$1.log" 2>/dev/null && return 0
+    kill -0 "$pid" 2>/dev/null || { echo "$1 did not start; see $STATE_DIR/$1.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  echo "$1 did not start within $2 s; see $STATE_DIR/$1.log" >&2
+  exit 1
+}
+
+start_host() {  # I
+  local i=$1 ip="127.0.0.$(($1 + 1))"
+  if alive "$STATE_DIR/host-$i.pid"; then
+    echo "host-$i already runs (pid $(cat "$STATE_DIR/host-$i.pid"))" >&2
+    exit 1
+  fi
+  { cat /etc/hosts; echo "$ip host-$i"; } >"$STATE_DIR/hosts-$i"
+  rm -rf "$STATE_DIR/host-$i"
+  mkdir -p "$STATE_DIR/host-$i"
+  # setsid: the host's processes form one process group, which kill-node ends at once.
+  setsid unshare --uts --mount bash -c "hostname host-$i && mount --bind '$STATE_DIR/hosts-$i' /etc/hosts && exec ray start \
+    --address $HEAD_IP:$RAY_PORT --node-ip-address $ip --num-cpus $CPUS_PER_HOST \
+    --object-store-memory $((OBJECT_STORE_MB << 20)) --temp-dir '$STATE_DIR/host-$i' --disable-usage-stats --block" \
+    >"$STATE_DIR/host-$i.log" 2>&1 </dev/null &
+  echo $! >"$STATE_DIR/host-$i.pid"
+}
+
+signal_group() {  # PID_FILE SIGNAL: the process group the file names
+  [ -f "$1" ] && kill "-$2" -- "-$(cat "$1")" 2>/dev/null || true
+}
+
+wait_gone() {  # SECONDS PID_FILE...: wait for them to end, then SIGKILL their groups
+  local seconds=$1 pid_file
+  shift
+  for _ in $(seq "$((seconds * 10))"); do
+    local running=0
+    for pid_file in "$@"; do
+      alive "$pid_file" && running=1
+    done
+    [ "$running" = 0 ] && break
+    sleep 0.1
+  done
+  for pid_file in "$@"; do
+    signal_group "$pid_file" KILL
+    rm -f "$pid_file"
+  done
+}
+
+case $COMMAND in
+  up)
+    if alive "$STATE_DIR/head.pid"; then
+      echo "a cluster already runs from $STATE_DIR; stop it first: $0 down $STATE_DIR" >&2
+      exit 1
+    fi
+    token
+    rm -rf "$STATE_DIR/head"
+    mkdir -p "$STATE_DIR/head"
+    # A lost host is noticed in about 5 s (Ray's default: about 15 s), which suits trials on one machine.
+    RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=1000 RAY_health_check_failure_threshold=5 \
+      setsid ray start --head --node-ip-address "$HEAD_IP" --port "$RAY_PORT" --num-cpus 0 --include-dashboard false \
+      --object-store-memory $((OBJECT_STORE_MB << 20)) --temp-dir "$STATE_DIR/head" --disable-usage-stats --block \
+      >"$STATE_DIR/head.log" 2>&1 </dev/null &
+    echo $! >"$STATE_DIR/head.pid"
+    wait_started head 60
+    for i in $(seq "$ARG"); do
+      start_host "$i"
+    done
+    for i in $(seq "$ARG"); do
+      wait_started "host-$i" 120
+    done
+    (umask 077 && printf 'export RAY_ADDRESS=%s:%s RAY_AUTH_MODE=token RAY_AUTH_TOKEN=%s RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1\n' \
+      "$HEAD_IP" "$RAY_PORT" "$RAY_AUTH_TOKEN" >"$STATE_DIR/env")
+    echo "head on $HEAD_IP:$RAY_PORT, hosts host-1..host-$ARG on 127.0.0.2..127.0.0.$((ARG + 1)); . $STATE_DIR/env"
+    ;;
+  kill-node)
+    [ -f "$STATE_DIR/host-$ARG.pid" ] || { echo "host-$ARG is not running from $STATE_DIR" >&2; exit 1; }
+    signal_group "$STATE_DIR/host-$ARG.pid" KILL
+    wait_gone 5 "$STATE_DIR/host-$ARG.pid"
+    # Ray starts some of a node's processes in sessions of their own; each names the host's temp folder.
+    pkill -KILL -f -- "$STATE_DIR/host-$ARG/" 2>/dev/null || true
+    echo "host-$ARG killed"
+    ;;
+  add-node)
+    alive "$STATE_DIR/head.pid" || { echo "no head runs from $STATE_DIR: $0 up N first" >&2; exit 1; }
+    token
+    start_host "$ARG"
+    wait_started "host-$ARG" 120
+    echo "host-$ARG joined on 127.0.0.$((ARG + 1))"
+    ;;
+  down)
+    shopt -s nullglob
+    pid_files=("$STATE_DIR"/host-*.pid "$STATE_DIR/head.pid")
+    for pid_file in "${pid_files[@]}"; do
+      signal_group "$pid_file" TERM
+    done
+    wait_gone 5 "${pid_files[@]}"
+    # A worker that outlived its raylet still names its host's temp folder: it belongs to this cluster only.
+    pkill -KILL -f -- "$STATE_DIR/(head|host-[0-9]+)/" 2>/dev/null || true
+    echo "stopped the cluster of $STATE_DIR"
+    ;;
+esac
