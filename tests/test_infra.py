@@ -264,26 +264,28 @@ def test_every_address_the_infra_teaches_is_one_mixer_accepts():
 
 
 def test_local_scripts_are_valid_bash():
-    for script in ("start.sh", "stop.sh"):
+    for script in ("start.sh", "stop.sh", "cluster.sh", "common.sh"):
         path = INFRA / "local" / script
-        assert path.stat().st_mode & 0o111, f"{script} is executable"
+        if script != "common.sh":  # sourced, not run
+            assert path.stat().st_mode & 0o111, f"{script} is executable"
         subprocess.run(["bash", "-n", str(path)], check=True)
 
 
 TOKEN_VARS = r"\$\{?(TOKEN|RAY_AUTH_TOKEN|WAIT_TOKEN)\b"
 
 
-def test_local_start_puts_the_token_on_no_command_line():
+@pytest.mark.parametrize("script", ["start.sh", "cluster.sh"])
+def test_local_scripts_put_the_token_on_no_command_line(script):
     """Statically: the token's variables are only ever assigned (to a variable, an exported one or a line of the
     env file), never expanded as a command's argument. tests/test_submit.py checks the running processes."""
-    text = (INFRA / "local" / "start.sh").read_text()
+    text = (INFRA / "local" / script).read_text()
     for number, line in enumerate(text.splitlines(), 1):
         code = line.split("#", 1)[0] if not line.lstrip().startswith("#") else ""
         for use in re.finditer(TOKEN_VARS, code):
             before = code[:use.start()]
-            assert re.search(r"[A-Za-z_][A-Za-z0-9_]*=\"?$", before), f"start.sh:{number}: {line.strip()}"
-    # The readiness check takes its token from the environment.
-    assert 'os.environ.get("WAIT_TOKEN"' in text and "sys.argv[5]" not in text
+            assert re.search(r"[A-Za-z_][A-Za-z0-9_]*=\"?$", before), f"{script}:{number}: {line.strip()}"
+    if script == "start.sh":  # the readiness check takes its token from the environment
+        assert 'os.environ.get("WAIT_TOKEN"' in text and "sys.argv[5]" not in text
     # The env file that holds the token is created under umask 077, afresh.
     env_write = text.index('cat >"$STATE_DIR/env"')
     assert "umask 077" in text[:env_write] and 'rm -f "$STATE_DIR/env"' in text[:env_write]

@@ -34,10 +34,11 @@ HEAD_IP=127.0.1.1
 RAY_PORT=${RAY_PORT:-6390}
 CPUS_PER_HOST=${CPUS_PER_HOST:-1}
 OBJECT_STORE_MB=${OBJECT_STORE_MB:-200}
-[ -x "$REPO/.venv/bin/ray" ] && export PATH="$REPO/.venv/bin:$PATH"
+# shellcheck source=infra/local/common.sh
+. "$REPO/infra/local/common.sh"
+use_repo_venv "$REPO" "$STATE_DIR"
+ray_node_env
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token
-
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 token() {
   if [ ! -f "$STATE_DIR/token" ]; then
@@ -59,19 +60,32 @@ wait_started() {  # NAME SECONDS: until the `ray start` of NAME (head, host-I) s
   exit 1
 }
 
+node_tmp() {  # NAME: a fresh, short temp folder for the node (Ray's socket paths must stay under 107 characters)
+  local tmp
+  tmp=$(mktemp -d /tmp/ray-host-XXXXXX)
+  echo "$tmp" >"$STATE_DIR/$1.tmp"
+  echo "$tmp"
+}
+
+end_leftovers() {  # NAME: SIGKILL any process still naming the node's temp folder (it belongs to that node only)
+  [ -f "$STATE_DIR/$1.tmp" ] || return 0
+  pkill -KILL -f -- "$(cat "$STATE_DIR/$1.tmp")/" 2>/dev/null || true
+  rm -rf "$(cat "$STATE_DIR/$1.tmp")" "$STATE_DIR/$1.tmp"
+}
+
 start_host() {  # I
-  local i=$1 ip="127.0.0.$(($1 + 1))"
+  local i=$1 ip="127.0.0.$(($1 + 1))" tmp
   if alive "$STATE_DIR/host-$i.pid"; then
     echo "host-$i already runs (pid $(cat "$STATE_DIR/host-$i.pid"))" >&2
     exit 1
   fi
   { cat /etc/hosts; echo "$ip host-$i"; } >"$STATE_DIR/hosts-$i"
-  rm -rf "$STATE_DIR/host-$i"
-  mkdir -p "$STATE_DIR/host-$i"
+  end_leftovers "host-$i"
+  tmp=$(node_tmp "host-$i")
   # setsid: the host's processes form one process group, which kill-node ends at once.
   setsid unshare --uts --mount bash -c "hostname host-$i && mount --bind '$STATE_DIR/hosts-$i' /etc/hosts && exec ray start \
     --address $HEAD_IP:$RAY_PORT --node-ip-address $ip --num-cpus $CPUS_PER_HOST \
-    --object-store-memory $((OBJECT_STORE_MB << 20)) --temp-dir '$STATE_DIR/host-$i' --disable-usage-stats --block" \
+    --object-store-memory $((OBJECT_STORE_MB << 20)) --temp-dir '$tmp' --disable-usage-stats --block" \
     >"$STATE_DIR/host-$i.log" 2>&1 </dev/null &
   echo $! >"$STATE_DIR/host-$i.pid"
 }
@@ -104,12 +118,12 @@ case $COMMAND in
       exit 1
     fi
     token
-    rm -rf "$STATE_DIR/head"
-    mkdir -p "$STATE_DIR/head"
+    end_leftovers head
+    head_tmp=$(node_tmp head)
     # A lost host is noticed in about 5 s (Ray's default: about 15 s), which suits trials on one machine.
     RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=1000 RAY_health_check_failure_threshold=5 \
       setsid ray start --head --node-ip-address "$HEAD_IP" --port "$RAY_PORT" --num-cpus 0 --include-dashboard false \
-      --object-store-memory $((OBJECT_STORE_MB << 20)) --temp-dir "$STATE_DIR/head" --disable-usage-stats --block \
+      --object-store-memory $((OBJECT_STORE_MB << 20)) --temp-dir "$head_tmp" --disable-usage-stats --block \
       >"$STATE_DIR/head.log" 2>&1 </dev/null &
     echo $! >"$STATE_DIR/head.pid"
     wait_started head 60
@@ -119,8 +133,16 @@ case $COMMAND in
     for i in $(seq "$ARG"); do
       wait_started "host-$i" 120
     done
-    (umask 077 && printf 'export RAY_ADDRESS=%s:%s RAY_AUTH_MODE=token RAY_AUTH_TOKEN=%s RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1\n' \
-      "$HEAD_IP" "$RAY_PORT" "$RAY_AUTH_TOKEN" >"$STATE_DIR/env")
+    # Mode 600 even if an env file of an earlier cluster is still there (cat > keeps an existing file's mode).
+    umask 077
+    rm -f "$STATE_DIR/env"
+    cat >"$STATE_DIR/env" <<ENV
+# The hosts started by infra/local/cluster.sh; source it: . $STATE_DIR/env
+export RAY_ADDRESS=$HEAD_IP:$RAY_PORT
+export RAY_AUTH_MODE=token
+export RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+ENV
     echo "head on $HEAD_IP:$RAY_PORT, hosts host-1..host-$ARG on 127.0.0.2..127.0.0.$((ARG + 1)); . $STATE_DIR/env"
     ;;
   kill-node)
@@ -128,7 +150,7 @@ case $COMMAND in
     signal_group "$STATE_DIR/host-$ARG.pid" KILL
     wait_gone 5 "$STATE_DIR/host-$ARG.pid"
     # Ray starts some of a node's processes in sessions of their own; each names the host's temp folder.
-    pkill -KILL -f -- "$STATE_DIR/host-$ARG/" 2>/dev/null || true
+    end_leftovers "host-$ARG"
     echo "host-$ARG killed"
     ;;
   add-node)
@@ -145,8 +167,11 @@ case $COMMAND in
       signal_group "$pid_file" TERM
     done
     wait_gone 5 "${pid_files[@]}"
-    # A worker that outlived its raylet still names its host's temp folder: it belongs to this cluster only.
-    pkill -KILL -f -- "$STATE_DIR/(head|host-[0-9]+)/" 2>/dev/null || true
+    for tmp_file in "$STATE_DIR"/*.tmp; do
+      end_leftovers "$(basename "$tmp_file" .tmp)"
+    done
+    rm -f "$STATE_DIR/env"
+    rm -rf "$STATE_DIR/bin"
     echo "stopped the cluster of $STATE_DIR"
     ;;
 esac

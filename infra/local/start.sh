@@ -29,20 +29,10 @@ S3_PORT=${S3_PORT:-9000}
 S3_BUCKET=${S3_BUCKET:-mixer}
 NUM_CPUS=${NUM_CPUS:-$(nproc)}
 
-# The repository's virtual environment, when there is one, provides ray, moto_server and the `python` of the jobs.
-# Only those three go first on the PATH: the rest of .venv/bin goes last, so that tools found on both (ninja, which
-# DeepSpeed's JIT-built ops run) stay the system's, as for every other process, and the shared build cache in
-# ~/.cache/torch_extensions is not rebuilt each time a different ninja version looks at it.
-if [ -x "$REPO/.venv/bin/python" ]; then
-  mkdir -p "$STATE_DIR/bin"
-  printf '#!/bin/sh\nexec "%s" "$@"\n' "$REPO/.venv/bin/python" >"$STATE_DIR/bin/python"
-  chmod +x "$STATE_DIR/bin/python"
-  ln -sf "$REPO/.venv/bin/ray" "$STATE_DIR/bin/ray"
-  ln -sf "$REPO/.venv/bin/moto_server" "$STATE_DIR/bin/moto_server"
-  export PATH="$STATE_DIR/bin:$PATH:$REPO/.venv/bin"
-fi
+# shellcheck source=infra/local/common.sh
+. "$REPO/infra/local/common.sh"
+use_repo_venv "$REPO" "$STATE_DIR"
 
-alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 if alive "$STATE_DIR/ray.pid" || alive "$STATE_DIR/moto.pid"; then
   echo "a local stack already runs from $STATE_DIR; stop it first: infra/local/stop.sh $STATE_DIR" >&2
   exit 1
@@ -89,13 +79,9 @@ python -c "import boto3, sys; boto3.client('s3').create_bucket(Bucket=sys.argv[1
 RAY_TMP=$(mktemp -d /tmp/ray-local-XXXXXX)
 echo "$RAY_TMP" >"$STATE_DIR/ray_tmp"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$TOKEN"
-# On SIGTERM Ray first drains the node for up to 30 s (for Ray Serve traffic); a local stack has none to wait for.
-export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+ray_node_env
 # Keep every address Ray advertises on loopback.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-if ! command -v nvidia-smi >/dev/null 2>&1; then
-  export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-fi
 setsid nohup ray start --head --block --disable-usage-stats \
   --node-ip-address 127.0.0.1 --port "$RAY_PORT" --ray-client-server-port "$RAY_CLIENT_PORT" \
   --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
