@@ -235,11 +235,12 @@ def plan_source(
     """Plan the shards of a source cut into `parts`; `workers` only sets how finely the work is cut into tasks."""
     options.check()
     runner = runner or Runner()
-    wanted = max(1, math.ceil(parts.estimated_inputs() / ROWS_PER_BUCKET), workers)
+    estimated = parts.estimated_inputs()
+    wanted = max(1, math.ceil(estimated / ROWS_PER_BUCKET), workers)
     buckets = min(BLOCKS, 1 << (wanted - 1).bit_length())  # a power of two, so every digest block is in one bucket
     seed_mix = int(splitmix64(np.array([options.seed & MASK64], np.uint64))[0])
 
-    tasks = _list_task_count(parts.estimated_inputs(), len(parts.parts), buckets, workers)
+    tasks = _list_task_count(estimated, len(parts.parts), buckets, workers)
     listed = [runner.call(_list_task, group, parts.layout, seed_mix, buckets, num_returns=buckets + 1)
               for group in _groups(parts.parts, tasks)]
     classes, inputs, notes = _classes(runner, listed, parts, classes_file)
@@ -263,7 +264,7 @@ def plan_source(
     offsets = np.zeros(len(classes), np.int64)
     split = []
     for kept, _, info in cleaned:
-        split.append(runner.call(_split_task, kept, runner.put(offsets.copy()), held_out, totals_ref, num_returns=2))
+        split.append(runner.call(_split_task, kept, offsets.copy(), held_out, totals_ref, num_returns=2))
         offsets += runner.get(info)["counts"]
     counts = {name: np.zeros(buckets, np.int64) for name in SPLITS}
     sample_blocks: dict[int, str] = {}
@@ -372,6 +373,7 @@ def _top_bits(h: np.ndarray, count: int) -> np.ndarray:
 
 def _list_task(parts: list[Partition], layout: str, seed_mix: int, buckets: int) -> list[Any]:
     summary: dict[str, Any] = {"inputs": 0, "hidden": 0, "declared": None}
+
     def list_one(part: Partition) -> tuple[pa.Table, Listed]:
         listed = list_partition(part, layout)
         table = _listed_table(part, listed)

@@ -116,7 +116,20 @@ def test_bad_options_are_refused_by_name(folder_5x30):
         _plan(folder_5x30, PlanOptions(val_fraction=1.5))
 
 
-def test_list_outputs_stay_large_enough_to_keep_out_of_the_driver():
+def test_list_outputs_stay_large_enough_to_keep_out_of_the_driver(folder_5x30, monkeypatch):
+    # A real plan in many buckets: one list task, since five (one per class folder) would each hand the driver
+    # outputs of a row or two.
+    listed = []
+    call = Runner.call
+
+    def counting(self, fn, *args, **kw):
+        listed.append(fn.__name__)
+        return call(self, fn, *args, **kw)
+
+    monkeypatch.setattr(Runner, "call", counting)
+    monkeypatch.setattr(data_prep.plan, "ROWS_PER_BUCKET", 7)
+    plan = _plan(folder_5x30, PlanOptions(shard_size=16, val_per_class=3), workers=4)
+    assert listed.count("_list_task") == 1 and len(plan.tables) > 16
     # ImageNet-21k on 64 workers: 64 buckets, and list tasks capped so each (task, bucket) output holds >= 4096 rows.
     tasks = data_prep.plan._list_task_count(14_200_000, 21_841, 64, 64)
     assert 14_200_000 / (tasks * 64) >= data_prep.plan.ROWS_PER_LIST_OUTPUT
