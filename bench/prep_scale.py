@@ -186,16 +186,6 @@ def remove(data: str, folder: str) -> None:
     shutil.rmtree(os.path.join(data, "dest-" + os.path.basename(folder)), ignore_errors=True)
 
 
-def cpu_seconds(process: psutil.Process) -> float:
-    """CPU seconds used so far by `process` and every process below it (Ray's GCS, raylet, workers...)."""
-    total = 0.0
-    for p in [process, *process.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
 def reset_peak_rss() -> bool:
     """Start the kernel's high-water mark of this process's RSS (VmHWM) again from its current RSS (Linux)."""
     try:
@@ -224,6 +214,7 @@ def plan_peak(result: dict[str, Any]) -> int:
 
 def child(spec: dict[str, Any]) -> None:
     """The driver: start Ray, warm it up on the tiny source, then time one plan-only `prepare` of the source."""
+    from bench.prep import cpu_seconds
     from data_prep.prepare import PrepareOptions, prepare
     from pipeline.ray_cluster import init_ray
 
@@ -243,9 +234,9 @@ def child(spec: dict[str, Any]) -> None:
         "maxrss_before": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "peak_reset": reset_peak_rss(), "plan_started": time.time(),
     }
-    cpu, wall = cpu_seconds(me), time.perf_counter()
+    cpu, wall = cpu_seconds(tree=True), time.perf_counter()
     summary = prepare(spec["source"], spec["dest"], options, workers=spec["workers"], plan_only=True, progress=False)
-    result.update(wall_s=time.perf_counter() - wall, cpu_s=cpu_seconds(me) - cpu, plan_ended=time.time(),
+    result.update(wall_s=time.perf_counter() - wall, cpu_s=cpu_seconds(tree=True) - cpu, plan_ended=time.time(),
                   maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, rss_after=me.memory_info().rss,
                   plan_peak=peak_rss() if result["peak_reset"] else None, summary=summary)
     with open(spec["result"], "w") as f:
