@@ -202,10 +202,10 @@ def _spool(spool, rejected: list[dict[str, str]]) -> tuple[int, int]:
 def _run(
     plan: Plan, dest: str, policy: ImagePolicy, workers: int, retries: int, progress: bool, spool,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[int, int]]]:
-    """Every shard not already complete through a Ray task, spread over the hosts (it needs a few kB of plan, not the
-    node that planned), at most `workers` at a time; a failed shard (exception, lost worker or host) is retried after
-    an exponential backoff, up to `retries` times. Each event costs the same however many shards are queued."""
-    task = ray.remote(write_shard).options(num_cpus=1, max_retries=0, num_returns=2, scheduling_strategy="SPREAD")
+    """Every shard not already complete through a Ray task, at most `workers` at a time; a failed shard (exception,
+    lost worker or host) is retried after an exponential backoff, up to `retries` times. Each event costs the same
+    however many shards are queued: ready shards wait in a deque, retries in a heap by time."""
+    task = ray.remote(write_shard).options(num_cpus=1, max_retries=0, num_returns=2)
     classes = ray.put(plan.classes)
     stats: dict[str, dict[str, Any]] = {}
     spooled: dict[str, tuple[int, int]] = {}

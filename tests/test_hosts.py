@@ -22,7 +22,7 @@ from pipeline import cli
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "infra" / "local" / "cluster.sh"
-PREP = ["--max-size", "40", "--shard-size", "20", "--val-per-class", "5", "--no-progress"]
+PREP = ["--max-size", "40", "--shard-size", "4", "--val-per-class", "5", "--no-progress"]
 
 
 def _why_not_unshare() -> str | None:
@@ -121,12 +121,19 @@ def test_a_prep_that_loses_a_host_redoes_its_shards_elsewhere_and_gives_the_same
     _, err = prep.communicate(timeout=300)
     killer.join(timeout=10)
     assert prep.returncode == 0, err[-3000:]
-    assert killed, "no shard task ran on host-2 (shards are spread over the hosts), so nothing was lost"
+    assert killed, "no shard task ran on host-2, so nothing was lost"
 
     made_by = {p.stem: json.loads(p.read_text())["host"] for p in (spread / "_progress").glob("*-*.json")}
-    assert len(made_by) == 18 and set(made_by.values()) <= {"host-1", "host-2"}
+    assert len(made_by) == 90 and set(made_by.values()) <= {"host-1", "host-2"}
     failed = [line for line in err.splitlines() if "attempt 1 failed" in line]
     assert failed, f"the shard in flight on host-2 was not lost and retried:\n{err[-3000:]}"
     for line in failed:  # redone, and by the host that remained
         assert made_by[line.split(".tar")[0]] == "host-1", line
     assert _files(spread) == _files(reference)  # shards, dataset.json and rejected.jsonl
+
+    hosts.run("add-node", "2")  # a replacement: the cluster has both hosts again
+    alive = subprocess.run(
+        [sys.executable, "-c", "import ray; ray.init(log_to_driver=False); "
+         "print(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"],
+        env=hosts.env, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert alive.strip().splitlines()[-1] == "['127.0.0.2', '127.0.0.3', '127.0.1.1']"
