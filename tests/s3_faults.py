@@ -12,7 +12,8 @@ and, by a seeded schedule, answers some requests with faults instead of the stor
 Schedule: the n-th time a request (method, path with query, Range) arrives, a hash of (seed, request, n) decides
 whether it is faulted (`rate`) and how, among the kinds that fit it; a request is never faulted more than
 `max_in_a_row` times running, so every retried operation ends. The decisions do not depend on the order in which
-concurrent clients arrive. `faults` counts what was injected by kind; `requests` counts requests by method.
+concurrent clients arrive, except with `cover_kinds`: then, until every kind has been injected once, a faulted request
+takes the first kind not injected yet that fits it (so a run of a few dozen faults surely meets every kind). `faults` counts what was injected by kind; `requests` counts requests by method.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class FaultPlan:
     stall_s: tuple[float, float] = (0.05, 0.5)
     kinds: tuple[str, ...] = KINDS
     cut_fraction: float | None = None  # the share of a body a cut lets through; None: drawn, a third of them 0
+    cover_kinds: bool = False
 
 
 class S3FaultProxy:
@@ -115,6 +117,11 @@ class S3FaultProxy:
             with self._lock:
                 self._running[key] = 0
             return None, 0.0
+        if self.plan.cover_kinds:
+            with self._lock:
+                missing = [k for k in kinds if not self.faults[k]]
+            if missing:
+                return missing[0], size
         return kinds[int(pick * len(kinds))], size
 
     def injected(self, method: str, target: str, range_header: str, kind: str | None) -> None:
