@@ -104,10 +104,15 @@ class DeepSpeedSpec:
 
 @dataclass
 class ClusterSpec:
-    workers: int = 1
+    workers: int = 1  # with `elastic`: the most workers
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
     max_failures: int = 3
+    # Continue on the workers that remain when hosts are lost (down to min_workers) and grow back when they return,
+    # resuming from the newest checkpoint each time; the global batch and the sample order stay those of the run.
+    elastic: bool = False
+    min_workers: int = 1
+    resize_check_s: float = 60.0  # how often a healthy elastic run looks for room to grow
 
 
 @dataclass
@@ -322,6 +327,28 @@ def absolute_local_paths(spec: Spec, base: str) -> list[str]:
     return changed
 
 
+def world_sizes(cluster: ClusterSpec) -> range:
+    """The numbers of workers a run may train on: `workers`, or with `elastic` every size down to `min_workers`."""
+    return range(cluster.min_workers if cluster.elastic else cluster.workers, cluster.workers + 1)
+
+
+def check_world_size(global_batch: int, micro: int, streams: int, loader_workers: int, workers: int) -> None:
+    """Whether `workers` ranks can train the batch: whole micro batches on every rank, whole streams per reader."""
+    if global_batch % (micro * workers):
+        raise SpecError(
+            f"batch.global={global_batch} is not divisible by batch.micro x cluster.workers = {micro} x {workers}; "
+            f"choose a global batch that is a multiple of {micro * workers}, or change the micro batch or workers")
+    check_stream_layout(streams, global_batch, workers, loader_workers)
+
+
+def _fits(global_batch: int, micro: int, streams: int, loader_workers: int, workers: int) -> bool:
+    try:
+        check_world_size(global_batch, micro, streams, loader_workers, workers)
+    except SpecError:
+        return False
+    return True
+
+
 def check_stream_layout(streams: int, global_batch: int, workers: int, loader_workers: int) -> None:
     """The sample order's one structural rule: every global batch takes the same number of samples from each of
     the `streams`, and each reader (a worker's loader process, or the worker itself) owns whole streams."""
@@ -335,6 +362,29 @@ def check_stream_layout(streams: int, global_batch: int, workers: int, loader_wo
             f"{workers} x {max(loader_workers, 1)} = {readers}; set data.streams to a multiple of it (it must stay "
             "fixed for the life of a run)"
         )
+
+
+def _check_cluster(spec: Spec) -> None:
+    """The world sizes the run may train on (one, or an elastic range) each fit the batch and the streams."""
+    b, c, d = spec.batch, spec.cluster, spec.data
+    if c.elastic and not 1 <= c.min_workers <= c.workers:
+        raise SpecError(f"cluster.min_workers: {c.min_workers} must be between 1 and cluster.workers={c.workers}")
+    if c.elastic and c.max_failures < 1:
+        raise SpecError("cluster.elastic: a lost host is a failure of the worker group before it is a resize; set "
+                        "cluster.max_failures >= 1 (e.g. 10) so that the run restarts on the workers that remain")
+    if c.resize_check_s < 0:
+        raise SpecError(f"cluster.resize_check_s: must be >= 0 seconds, got {c.resize_check_s}")
+    for workers in world_sizes(c):
+        try:
+            check_world_size(b.global_, b.micro, d.streams, d.loader_workers, workers)
+        except SpecError as e:
+            if not c.elastic:
+                raise
+            fits = [w for w in range(1, c.workers + 1) if _fits(b.global_, b.micro, d.streams, d.loader_workers, w)]
+            raise SpecError(f"cluster.elastic: every size from cluster.min_workers={c.min_workers} to cluster.workers="
+                            f"{c.workers} must fit the batch and the streams, and {workers} does not: {e}. The sizes "
+                            f"that fit are {', '.join(map(str, fits))}: raise cluster.min_workers, or choose a global "
+                            "batch and data.streams with more divisors") from None
 
 
 def validate(spec: Spec) -> None:
@@ -376,12 +426,7 @@ def validate(spec: Spec) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise SpecError(f"{name}: must be positive, got {value}")
-    if b.global_ % (b.micro * c.workers):
-        raise SpecError(
-            f"batch.global={b.global_} is not divisible by batch.micro x cluster.workers = {b.micro} x {c.workers}; "
-            f"choose a global batch that is a multiple of {b.micro * c.workers}, or change the micro batch or workers"
-        )
-    check_stream_layout(d.streams, b.global_, c.workers, d.loader_workers)
+    _check_cluster(spec)
     if d.eval_resize is not None and d.eval_resize < m.image_size:
         raise SpecError(f"data.eval_resize: {d.eval_resize} is smaller than model.image_size={m.image_size}; the "
                         "centre crop needs at least image_size pixels on the short side (null: image_size * 8 / 7)")

@@ -2,7 +2,10 @@
 
 `run` takes a spec that pipeline/run.py has resolved (checked, saved with the run) and maps it onto Ray Train:
 one worker per rank with its CPUs and GPUs, gloo or NCCL, and FailureConfig restarts of the worker group when a
-worker dies; restarted workers resume from the newest committed checkpoint on their own.
+worker dies; restarted workers resume from the newest committed checkpoint on their own. With `cluster.elastic`,
+Ray Train's elastic scaling restarts the group on as many workers as the cluster holds (`cluster.min_workers` to
+`cluster.workers`): after a host is lost, and again when hosts come back (checked every `cluster.resize_check_s`);
+the workers resume through the universal checkpoint when the world size changed.
 
 Each `run` is one launch with its own id (`MIXER_LAUNCH_ID` in its workers): the run's lease is held in that id's
 name, so workers Ray Train restarts re-take it, another launch is refused, and `run` drops it once the workers are
@@ -60,8 +63,9 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"spec": spec.to_dict(), "resume_from": resume_from, "env": env, "launch_id": launch},
-        scaling_config=ray.train.ScalingConfig(num_workers=c.workers, use_gpu=c.gpus_per_worker > 0,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=(c.min_workers, c.workers) if c.elastic else c.workers, use_gpu=c.gpus_per_worker > 0,
+            resources_per_worker=resources, elastic_resize_monitor_interval_s=c.resize_check_s),
         torch_config=TorchConfig(backend="nccl" if c.gpus_per_worker else "gloo"),
         run_config=ray.train.RunConfig(
             name=f"mixer-{spec.hash()}",

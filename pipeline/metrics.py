@@ -3,7 +3,8 @@
 Lines are JSON objects, `{"kind": "train", "step", "epoch", "time", "loss", "lr", "grad_norm", "images_per_s",
 "step_time_s", "mfu", "eta_s", "skipped_samples"}` (training samples skipped as unusable so far, over all ranks and
 the whole run; each is a line of RUN/skipped.jsonl) or `{"kind": "eval", "step", "top1", "top5", "loss"}`
-(multi-label runs add "prec1").
+(multi-label runs add "prec1"), and at each start or restart of the workers `{"kind": "start", "step", "time",
+"workers", "saved_by", "hosts"}` (saved_by: the world size of the checkpoint resumed from, null on a fresh start).
 Only rank 0 writes. The file is kept locally and published whole (atomically) every `flush_every_s` seconds, at each
 checkpoint and at the end; on resume, lines past the resumed step are dropped so the history has no duplicates.
 

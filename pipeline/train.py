@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import random
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,7 @@ class TrainState:
 
     step: int
     stream: data.TrainStream
+    saved_by: int | None = None  # the workers that saved the step resumed from (None: a fresh start)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "stream": self.stream.state_dict()}
@@ -79,6 +81,7 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
     parts = build(spec)
     state = resume(parts, resume_from)
     parts.metrics = metrics.MetricsLog(spec.run.url, enabled=parts.rank == 0, resume_step=state.step)
+    log_start(parts, state)
     stop_at = min(parts.shape.total_steps, spec.run.stop_after or parts.shape.total_steps)
     progress = _progress(parts.rank, state.step, parts.shape.total_steps)
     window = LossWindow(torch.zeros((), device=parts.device))
@@ -188,6 +191,7 @@ def resume(parts: Parts, resume_from: str | None) -> TrainState:
         return state
     record, rank_state = parts.store.load(parts.engine, url=None if own else resume_from)
     state.load_state_dict(record.train_state)
+    state.saved_by = record.world_size
     if rank_state is not None:
         set_rng_state(rank_state)
     else:
@@ -196,6 +200,26 @@ def resume(parts: Parts, resume_from: str | None) -> TrainState:
         log.info("resumed from step %d (saved by %d workers, now %d)", state.step, record.world_size,
                  parts.world_size)
     return state
+
+
+def log_start(parts: Parts, state: TrainState) -> None:
+    """Collective: a `start` record of where this (re)start of the run begins and on which hosts; a warning that
+    says why when the world size is not the one the resumed step was saved with."""
+    hosts: list[str | None] = [None] * parts.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    if parts.rank != 0:
+        return
+    c, shape, b = parts.spec.cluster, parts.shape, parts.spec.batch
+    parts.metrics.log({"kind": "start", "step": state.step, "time": time.time(), "workers": parts.world_size,
+                       "saved_by": state.saved_by, "hosts": sorted(set(hosts))})
+    if state.saved_by is None or state.saved_by == parts.world_size:
+        return
+    workers = f"{parts.world_size} worker{'s' if parts.world_size > 1 else ''}"
+    why = (f"the cluster holds {workers} now (cluster.elastic: {c.min_workers} to {c.workers})" if c.elastic
+           else f"the run was started with {workers}")
+    log.warning("world size %d -> %d at step %d: %s; same global batch %d (%d micro batches of %d on each worker) "
+                "and sample order, through the universal checkpoint", state.saved_by, parts.world_size, state.step,
+                why, b.global_, shape.micro_batches_per_rank, b.micro)
 
 
 # ---------------------------------------------------------------------------------------------------------------

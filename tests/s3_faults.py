@@ -13,7 +13,8 @@ Schedule: the n-th time a request (method, path with query, Range) arrives, a ha
 whether it is faulted (`rate`) and how, among the kinds that fit it; a request is never faulted more than
 `max_in_a_row` times running, so every retried operation ends. The decisions do not depend on the order in which
 concurrent clients arrive, except with `cover_kinds`: then, until every kind has been injected once, a faulted request
-takes the first kind not injected yet that fits it (so a run of a few dozen faults surely meets every kind). `faults` counts what was injected by kind; `requests` counts requests by method.
+takes the first kind not injected yet that fits it (so a run of a few dozen faults surely meets every kind).
+`faults` counts what was injected by kind; `requests` counts requests by method.
 """
 
 from __future__ import annotations

@@ -63,13 +63,29 @@ def test_hash_ignores_cluster_size_but_not_the_recipe(example):
         ("model.variant=Q/7", "model.variant: unknown variant 'Q/7'"),
         ("data.streams=64", "data.streams=64 is not divisible by cluster.workers x max(data.loader_workers, 1)"),
         ("schedule.total_steps=10", "give exactly one of schedule.epochs or schedule.total_steps"),
+        ("cluster.min_workers=65 cluster.elastic=true", "cluster.min_workers: 65 must be between 1 and"),
+        ("cluster.elastic=true cluster.max_failures=0", "set cluster.max_failures >= 1"),
+        ("cluster.elastic=true cluster.min_workers=32",
+         "every size from cluster.min_workers=32 to cluster.workers=64 must fit the batch and the streams, and 33 "
+         "does not: batch.global=4096 is not divisible by batch.micro x cluster.workers = 64 x 33"),
+        ("cluster.elastic=true", "The sizes that fit are 1, 2, 4, 8, 16, 32, 64: raise cluster.min_workers"),
     ],
 )
 def test_bad_specs_name_the_key_and_what_to_change(example, override, message):
     with pytest.raises(SpecError) as err:
-        config.load(example, [override])
+        config.load(example, override.split())
     assert message in str(err.value)
     assert str(example) in str(err.value)
+
+
+def test_an_elastic_range_whose_every_size_fits_is_taken(example):
+    spec = config.load(example, ["cluster.elastic=true", "cluster.min_workers=64", "cluster.workers=64"])
+    assert list(config.world_sizes(spec.cluster)) == [64]
+    spec = config.load(example, ["cluster.elastic=true", "cluster.min_workers=1", "cluster.workers=2"])
+    assert list(config.world_sizes(spec.cluster)) == [1, 2]
+    # turning elasticity on for a run under way keeps its identity: it resumes
+    elastic = config.load(example, ["cluster.elastic=true", "cluster.min_workers=64"])
+    assert elastic.hash() == config.load(example).hash()
 
 
 def test_a_dataset_without_dataset_json_fails_before_workers_start(example, tmp_path):

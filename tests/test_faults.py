@@ -389,7 +389,8 @@ def test_prepare_train_resume_and_export_come_through_s3_faults(sample_dataset, 
     root = _new_bucket(s3_endpoint)
     ds, run_url = storage.join(root, "ds"), storage.join(root, "run")
     raw = str(Path(sample_dataset).parent / "raw")
-    with S3FaultProxy(s3_endpoint, FaultPlan(rate=0.12, seed=3, cover_kinds=True)) as proxy, ray_through(proxy.endpoint, ray_cluster):
+    plan = FaultPlan(rate=0.12, seed=3, cover_kinds=True)
+    with S3FaultProxy(s3_endpoint, plan) as proxy, ray_through(proxy.endpoint, ray_cluster):
         phases = _Phases(proxy)
         with phases.phase("prepare"):
             assert cli.main(["prepare", raw, ds, "--max-size", "40", "--shard-size", "20", "--val-per-class", "5",

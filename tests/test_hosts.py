@@ -2,6 +2,10 @@
 namespaces of its own (host name, /etc/hosts) with its own loopback IP and temp folder, joined as separate machines
 join a real cluster. `mixer` runs against it as a user runs it, in a subprocess with `--ray-address`.
 
+Training: two hosts x one worker, ZeRO-3, checkpoints on S3, against the same run on this session's one-machine
+cluster: a host lost after step 20 is committed and a replacement joining give the same run to the bit; with
+`cluster.elastic` and no replacement, the run ends on the worker that remains.
+
 Making namespaces needs root (or the right to unshare them): elsewhere these tests are skipped, saying why."""
 
 from __future__ import annotations
@@ -17,8 +21,13 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load
 
-from pipeline import cli
+from pipeline import cli, storage
+from pipeline.checkpoint import CheckpointStore
+from pipeline.metrics import read_records
+from tests.test_resume import losses
+from tests.test_train import assert_learned, run_training, tiny_spec
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "infra" / "local" / "cluster.sh"
@@ -72,14 +81,14 @@ def hosts(s3_endpoint, tmp_path_factory):
     cluster.run("down")
 
 
-def _shard_task_on(namespace: str) -> int | None:
-    """The pid of a Ray worker in this UTS namespace (one host) running a shard task right now, if any."""
+def _process_on(namespace: str, name: bytes) -> int | None:
+    """The pid of a Ray worker in this UTS namespace (one host) whose title starts with `name` right now, if any."""
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::write_shard") and os.readlink(f"/proc/{pid}/ns/uts") == namespace:
+                if f.read().startswith(name) and os.readlink(f"/proc/{pid}/ns/uts") == namespace:
                     return int(pid)
         except OSError:  # ended meanwhile
             continue
@@ -104,7 +113,7 @@ def test_a_prep_that_loses_a_host_redoes_its_shards_elsewhere_and_gives_the_same
     def kill_host_2_mid_shard() -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and prep.poll() is None:
-            worker = _shard_task_on(host_2)
+            worker = _process_on(host_2, b"ray::write_shard")
             if worker is not None:
                 # The worker first, at once, so that its shard cannot finish in the time the script takes to start.
                 os.kill(worker, signal.SIGKILL)
@@ -137,3 +146,95 @@ def test_a_prep_that_loses_a_host_redoes_its_shards_elsewhere_and_gives_the_same
          "print(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"],
         env=hosts.env, capture_output=True, text=True, timeout=120, check=True).stdout
     assert alive.strip().splitlines()[-1] == "['127.0.0.2', '127.0.0.3', '127.0.1.1']"
+
+
+# Training: 40 steps, a checkpoint every 10, ZeRO-3 (each rank holds a shard of every parameter).
+STEPS, EVERY, KILL_AFTER = 40, 10, 20
+
+
+def host_spec(dataset: str, run_url: str, **kw):
+    return tiny_spec(dataset, run_url, deepspeed__zero_stage=3, schedule__total_steps=STEPS,
+                     checkpoint__every_steps=EVERY, checkpoint__keep_last=5, eval__every_steps=STEPS, **kw)
+
+
+@pytest.fixture(scope="module")
+def one_host(sample_dataset, ray_cluster, s3_endpoint) -> str:
+    """The unbroken run, two workers on this session's one-machine cluster."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="host-runs")
+    url = "s3://host-runs/one-host"
+    run_training(host_spec(sample_dataset, url))
+    return url
+
+
+def test_the_unbroken_run_learns_with_zero_stage_3(one_host):
+    """tests/test_train.py's learning checks, for ZeRO-3 (fp32), on the unbroken run these tests compare with."""
+    assert_learned(one_host, STEPS, stage=3, bf16=False)
+
+
+def _train_losing_host_2(hosts: Hosts, spec, tmp_path: Path, replace: bool) -> tuple[str, int]:
+    """`mixer train` on the hosts; once step KILL_AFTER is committed, host-2 is lost (its training worker SIGKILLed
+    at once, then every process of the host), and with `replace` a new host-2 joins. Returns the driver's output and
+    the step committed when host-2 was lost."""
+    (tmp_path / "spec.yaml").write_text(spec.to_yaml())
+    host_2 = hosts.uts_namespace(2)
+    store = CheckpointStore(storage.join(spec.run.url, "checkpoints"))
+    lost: list[int] = []
+
+    def lose_host_2() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and train.poll() is None:
+            committed = store.latest() or 0
+            worker = _process_on(host_2, b"ray::RayTrainWorker") if committed >= KILL_AFTER else None
+            if worker is not None:
+                os.kill(worker, signal.SIGKILL)
+                lost.append(committed)
+                hosts.run("kill-node", "2")
+                if replace:
+                    hosts.run("add-node", "2")
+                return
+            time.sleep(0.02)
+
+    train = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(tmp_path / "spec.yaml"),
+                              "--ray-address", hosts.env["RAY_ADDRESS"]], env=hosts.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    killer = threading.Thread(target=lose_host_2, daemon=True)
+    killer.start()
+    out, _ = train.communicate(timeout=600)
+    killer.join(timeout=60)
+    if not replace:
+        hosts.run("add-node", "2")  # the cluster whole again for what follows
+    assert train.returncode == 0, out[-5000:]
+    assert lost, f"host-2 was not lost during the run:\n{out[-3000:]}"
+    return out, lost[0]
+
+
+def _starts(run_url: str) -> list[tuple[int, int, list[str]]]:
+    return [(r["step"], r["workers"], r["hosts"]) for r in read_records(run_url) if r["kind"] == "start"]
+
+
+def test_a_host_lost_mid_run_and_replaced_gives_the_unbroken_run_bit_for_bit(hosts, one_host, sample_dataset,
+                                                                              tmp_path):
+    url = "s3://host-runs/replaced"
+    _, lost_at = _train_losing_host_2(hosts, host_spec(sample_dataset, url, cluster__max_failures=2), tmp_path,
+                                      replace=True)
+    assert lost_at >= KILL_AFTER
+    assert _starts(url) == [(0, 2, ["host-1", "host-2"]), (lost_at, 2, ["host-1", "host-2"])]
+    assert losses(url) == losses(one_host) and sorted(losses(url)) == list(range(1, STEPS + 1))
+    export = f"exports/step-{STEPS:09d}.safetensors"
+    weights, reference = (load(storage.read_bytes(storage.join(u, export))) for u in (url, one_host))
+    assert weights.keys() == reference.keys() and all(weights[k].equal(reference[k]) for k in reference)
+
+
+def test_an_elastic_run_that_loses_a_host_ends_on_the_worker_that_remains(hosts, one_host, sample_dataset,
+                                                                          tmp_path):
+    url = "s3://host-runs/elastic"
+    spec = host_spec(sample_dataset, url, cluster__max_failures=2, cluster__elastic=True, cluster__min_workers=1)
+    out, lost_at = _train_losing_host_2(hosts, spec, tmp_path, replace=False)
+    assert _starts(url) == [(0, 2, ["host-1", "host-2"]), (lost_at, 1, ["host-1"])]
+    assert f"world size 2 -> 1 at step {lost_at}: the cluster holds 1 worker now (cluster.elastic: 1 to 2)" in out
+    straight, resumed = losses(one_host), losses(url)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step

@@ -259,6 +259,7 @@ def test_submit_follows_a_job_to_success(stack, tmp_path, monkeypatch, capsys):
     assert main(["jobs", "status", job_id, "--address", address]) == 0
     status = capsys.readouterr().out
     assert f"job {job_id}: SUCCEEDED" in status and '"spec": "quickstart.yaml"' in status
+    assert f"workers   2 from step 0 on {socket.gethostname()}\n" in status, status
     assert main(["jobs", "logs", job_id, "--address", address]) == 0
     logs = capsys.readouterr().out
     assert "run folder:" in logs

@@ -114,7 +114,25 @@ def run_jobs_status(args: argparse.Namespace) -> int:
     if info.message:
         print(f"  message   {info.message}")
     print(f"  metadata  {json.dumps(info.metadata or {})}")
+    run_url = (info.metadata or {}).get("run_url")
+    if run_url:
+        print(f"  workers   {_workers(run_url)}")
     return 0
+
+
+def _workers(run_url: str) -> str:
+    """The run's world size over its starts and restarts, from RUN/metrics.jsonl: where each began, on how many
+    workers and which hosts."""
+    from pipeline.metrics import MetricsError, read_records
+
+    try:
+        starts = [r for r in read_records(run_url) if r.get("kind") == "start"]
+    except (MetricsError, OSError) as e:
+        return f"unknown ({type(e).__name__}: {e})"
+    if not starts:
+        return "no start on record yet (metrics are published at each checkpoint and every 30 s)"
+    return "; ".join(f"{r['workers']} from step {r['step']} on {', '.join(r.get('hosts') or ['?'])}"
+                     for r in starts)
 
 
 def run_jobs_logs(args: argparse.Namespace) -> int:
