@@ -90,6 +90,7 @@ def prepare(
     with tempfile.TemporaryFile(prefix="mixer-rejected-") as spool:
         stats, spooled = _run(plan, dest, options.policy(), workers, retries, progress, spool)
         task_seconds = time.perf_counter() - tasks_started
+        _remove_temporaries(dest)  # of shard writes killed during this run (a lost host), now redone elsewhere
         reasons = _write_rejected(dest, plan, spool, spooled)
     info = _dataset_info(dest, source, plan, stats, options, sum(reasons.values()))
     if info.inputs != info.samples + info.rejected:
@@ -179,7 +180,8 @@ def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions) -> None:
 
 
 def _remove_temporaries(dest: str) -> None:
-    """A killed run can leave local temporary files behind (object stores never show partial uploads)."""
+    """A killed run or shard task can leave local temporary files behind (object stores never show partial
+    uploads); called when no shard task of this run is left."""
     if not storage.is_local(dest):
         return
     fs, root = storage.filesystem(dest)

@@ -25,13 +25,29 @@ def load_checkpoint(engine: Any, root: str, tag: str, universal: bool) -> str | 
     or None when it found nothing.
 
     Relies on `engine._config.load_universal_checkpoint`, which DeepSpeed reads at load time only: switching it
-    for this one load lets a run read a universal checkpoint without fixing that mode at initialize()."""
+    for this one load lets a run read a universal checkpoint without fixing that mode at initialize(). And mends
+    two faults of ZeRO-3's universal load with more than one parameter group: it gives every group the settings of
+    the checkpoint's first (weight decay on the biases and norms that have none), put back here as the engine was
+    built with them (the same spec, so the same values); and it hands every group one and the same `step` tensor,
+    which torch's Adam then advances once per group each step (a wrong bias correction from the first step on), so
+    each group gets a copy of its own."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    groups = getattr(inner, "param_groups", [])
+    own = {key: [g.get(key) for g in groups] for key in (groups[0] if groups else {})
+           if key != "params" and len({repr(g.get(key)) for g in groups}) > 1}
     previous = engine._config.load_universal_checkpoint
     engine._config.load_universal_checkpoint = universal
     try:
         path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     finally:
         engine._config.load_universal_checkpoint = previous
+    if universal:
+        for key, values in own.items():
+            for group, value in zip(groups, values, strict=True):
+                group[key] = value
+        for state in getattr(inner, "state", {}).values():
+            if hasattr(state.get("step"), "clone"):
+                state["step"] = state["step"].clone()
     return path
 
 

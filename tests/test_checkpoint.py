@@ -52,13 +52,15 @@ def _engine(stage: int, big: bool = False):
     import torch
 
     from pipeline.model import MlpMixer
+    from pipeline.optim import param_groups
 
     torch.manual_seed(0)
     net = MlpMixer(**MODEL_CONFIG)
     if big:
         net.register_buffer("ballast", torch.ones(BIG_BUFFER))
     world = int(os.environ["WORLD_SIZE"])
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01)
+    # Two groups as the trainer has them (no decay on biases and norms): a universal load must keep them apart.
+    optimizer = torch.optim.AdamW(param_groups(net, weight_decay=0.1), lr=1e-2)
     engine, *_ = deepspeed.initialize(
         model=net, optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
