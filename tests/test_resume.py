@@ -1,4 +1,5 @@
-"""Exact resume from checkpoints on S3 (moto's server): after a stop, on another world size, after a kill -9.
+"""Exact resume from checkpoints on S3 (moto's server): after a stop, after a kill -9, under torchrun. (Resume on
+another world size: tests/test_checkpoint.py for the store, tests/test_hosts.py's elastic run for the trainer.)
 
 Every run trains on a copy of the sample dataset with a few rotten samples (tests/test_bad_samples.py `rot`), so the
 same runs also show that a resumed run skips and replaces the same samples, and logs the same skips, as the unbroken
@@ -160,18 +161,9 @@ def test_rotten_samples_are_skipped_and_a_resumed_run_skips_the_same(rotten, unb
 
 
 def test_the_unbroken_run_learns_with_zero_stage_2(unbroken):
-    """The ZeRO-2 (fp32) case of tests/test_train.py's test_two_workers_learn_with_each_zero_stage, checked on the
-    unbroken run (two workers, ZeRO 2) rather than on a run of its own: the rotten samples are replaced by good ones,
-    so it learns as on the clean dataset."""
+    """tests/test_train.py's learning checks for ZeRO-2 (fp32), made on the unbroken run (two workers) rather than
+    on a run of its own: the rotten samples are replaced by good ones, so it learns as on the clean dataset."""
     assert_learned(unbroken, STEPS, stage=2, bf16=False)
-
-
-def test_resume_on_one_worker_matches_within_1e5(dataset, unbroken, stopped):
-    url = copy_run(stopped, "s3://resume-runs/one-worker")
-    run_training(spec_for(dataset, url, cluster__workers=1))
-    straight, resumed = losses(unbroken), losses(url)
-    for step in range(HALF + 1, STEPS + 1):
-        assert resumed[step] == pytest.approx(straight[step], rel=1e-5), step
 
 
 def test_no_resume_and_a_changed_spec_are_refused_before_start(dataset, unbroken):

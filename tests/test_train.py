@@ -71,16 +71,15 @@ def assert_learned(run_url: str, steps: int, stage: int, bf16: bool) -> None:
 
 
 # Stage 1 runs as a GPU spec would with model.compile on: DeepSpeed's bf16 mode (a bf16 model fed bf16 images, fp32
-# master weights in the optimizer) and the engine's torch.compile. Stage 2 (fp32) is the unbroken run that
-# tests/test_resume.py shares between its tests: test_the_unbroken_run_learns_with_zero_stage_2 makes these same
-# checks on it.
-@pytest.mark.parametrize("stage, bf16", [(1, True), (3, False)])
-def test_two_workers_learn_with_each_zero_stage(stage, bf16, sample_dataset, ray_cluster, tmp_path):
+# master weights in the optimizer) and the engine's torch.compile. Stages 2 and 3 (fp32) are unbroken runs other
+# tests share, which make these same checks: tests/test_resume.py's test_the_unbroken_run_learns_with_zero_stage_2
+# and tests/test_hosts.py's test_the_unbroken_run_learns_with_zero_stage_3.
+def test_two_workers_learn_with_zero_stage_1_in_bf16_compiled(sample_dataset, ray_cluster, tmp_path):
     run_url = str(tmp_path / "run")
-    spec = tiny_spec(sample_dataset, run_url, deepspeed__zero_stage=stage, deepspeed__bf16=bf16, model__compile=bf16,
+    spec = tiny_spec(sample_dataset, run_url, deepspeed__zero_stage=1, deepspeed__bf16=True, model__compile=True,
                      schedule__total_steps=STEPS)
     run_training(spec)
-    assert_learned(run_url, STEPS, stage, bf16)
+    assert_learned(run_url, STEPS, stage=1, bf16=True)
 
 
 def test_multilabel_dataset_trains_with_sigmoid_and_reports_precision_at_1(sample_multilabel_dataset, ray_cluster,

@@ -16,10 +16,10 @@
 # nothing listens. Token authentication: the token is made once, kept in STATE_DIR/token (mode 600) and handed to
 # every process in its environment, never on a command line. Processes inherit this script's environment, so the
 # S3 endpoint and keys a job needs (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...) are set before `up` or `add-node`.
-# Settings (environment): RAY_PORT 6390, CPUS_PER_HOST 1, OBJECT_STORE_MB 200.
+# Settings (environment): RAY_PORT 6390, CPUS_PER_HOST 1, OBJECT_STORE_MB 200, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S 20.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 COMMAND=$1
 shift
@@ -39,6 +39,9 @@ OBJECT_STORE_MB=${OBJECT_STORE_MB:-200}
 use_repo_venv "$REPO" "$STATE_DIR"
 ray_node_env
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_AUTH_MODE=token
+# Ray Train restarts a failed run at once, sometimes before the lost host is noticed, and then waits this long for
+# workers that cannot start before it tries again with the workers the cluster holds (Ray's default: 60 s).
+export RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S=${RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S:-20}
 
 token() {
   if [ ! -f "$STATE_DIR/token" ]; then
