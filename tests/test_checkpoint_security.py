@@ -32,6 +32,7 @@ class FakeEngine:
         torch.manual_seed(seed)
         self.module = torch.nn.Linear(4, 2)
         self._config = SimpleNamespace(load_universal_checkpoint=False)
+        self.optimizer = None  # as an engine built without one
         self.roots: list[str] = []  # the staging folders it was handed, with their mode and owner at the time
 
     def zero_optimization_stage(self) -> int:
