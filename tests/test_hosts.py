@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,43 @@ def _process_on(namespace: str, name: bytes) -> int | None:
     return None
 
 
+def _mixer_losing_host_2(hosts: Hosts, args: list[str], worker: bytes, when: Callable[[], int | None],
+                         replace: bool, poll_s: float = 0.005) -> tuple[str, int]:
+    """`mixer ARGS --ray-address` on the hosts. Once `when()` is not None and a Ray worker titled `worker` runs on
+    host-2, that worker is SIGKILLed at once (so that its work cannot finish in the time the script takes to start),
+    then every process of host-2 (`kill-node`); with `replace` a new host-2 joins at once, else after the command.
+    Returns the command's output (stdout and stderr) and what `when()` said when host-2 was lost."""
+    host_2 = hosts.uts_namespace(2)
+    lost: list[int] = []
+
+    def lose_host_2() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and command.poll() is None:
+            mark = when()
+            pid = _process_on(host_2, worker) if mark is not None else None
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                lost.append(mark)
+                hosts.run("kill-node", "2")
+                if replace:
+                    hosts.run("add-node", "2")
+                return
+            time.sleep(poll_s)
+
+    command = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--ray-address",
+                                hosts.env["RAY_ADDRESS"]], env=hosts.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    killer = threading.Thread(target=lose_host_2, daemon=True)
+    killer.start()
+    out, _ = command.communicate(timeout=600)
+    killer.join(timeout=60)
+    if not replace:
+        hosts.run("add-node", "2")  # the cluster whole again for what follows
+    assert command.returncode == 0, out[-5000:]
+    assert lost, f"no {worker.decode()} ran on host-2 while it could be lost, so nothing was lost:\n{out[-3000:]}"
+    return out, lost[0]
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
             if p.is_file() and p.parent.name != "_progress"}
@@ -107,30 +145,8 @@ def test_a_prep_that_loses_a_host_redoes_its_shards_elsewhere_and_gives_the_same
                      "--per-class", "45"]) == 0
     assert cli.main(["prepare", str(raw), str(reference), *PREP]) == 0  # the session's one-machine cluster
 
-    host_2 = hosts.uts_namespace(2)
-    killed: list[int] = []
-
-    def kill_host_2_mid_shard() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and prep.poll() is None:
-            worker = _process_on(host_2, b"ray::write_shard")
-            if worker is not None:
-                # The worker first, at once, so that its shard cannot finish in the time the script takes to start.
-                os.kill(worker, signal.SIGKILL)
-                hosts.run("kill-node", "2")
-                killed.append(worker)
-                return
-            time.sleep(0.005)
-
-    prep = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "prepare", str(raw), str(spread), *PREP,
-                             "--ray-address", hosts.env["RAY_ADDRESS"]], env=hosts.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    killer = threading.Thread(target=kill_host_2_mid_shard, daemon=True)
-    killer.start()
-    _, err = prep.communicate(timeout=300)
-    killer.join(timeout=10)
-    assert prep.returncode == 0, err[-3000:]
-    assert killed, "no shard task ran on host-2, so nothing was lost"
+    err, _ = _mixer_losing_host_2(hosts, ["prepare", str(raw), str(spread), *PREP], b"ray::write_shard",
+                                  when=lambda: 0, replace=False)
 
     made_by = {p.stem: json.loads(p.read_text())["host"] for p in (spread / "_progress").glob("*-*.json")}
     assert len(made_by) == 90 and set(made_by.values()) <= {"host-1", "host-2"}
@@ -140,7 +156,7 @@ def test_a_prep_that_loses_a_host_redoes_its_shards_elsewhere_and_gives_the_same
         assert made_by[line.split(".tar")[0]] == "host-1", line
     assert _files(spread) == _files(reference)  # shards, dataset.json and rejected.jsonl
 
-    hosts.run("add-node", "2")  # a replacement: the cluster has both hosts again
+    # a replacement joined after the prep: the cluster has both hosts again
     alive = subprocess.run(
         [sys.executable, "-c", "import ray; ray.init(log_to_driver=False); "
          "print(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']))"],
@@ -174,40 +190,16 @@ def test_the_unbroken_run_learns_with_zero_stage_3(one_host):
 
 
 def _train_losing_host_2(hosts: Hosts, spec, tmp_path: Path, replace: bool) -> tuple[str, int]:
-    """`mixer train` on the hosts; once step KILL_AFTER is committed, host-2 is lost (its training worker SIGKILLed
-    at once, then every process of the host), and with `replace` a new host-2 joins. Returns the driver's output and
-    the step committed when host-2 was lost."""
+    """`mixer train` on the hosts, host-2 lost once step KILL_AFTER is committed: (output, the step committed then)."""
     (tmp_path / "spec.yaml").write_text(spec.to_yaml())
-    host_2 = hosts.uts_namespace(2)
     store = CheckpointStore(storage.join(spec.run.url, "checkpoints"))
-    lost: list[int] = []
 
-    def lose_host_2() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and train.poll() is None:
-            committed = store.latest() or 0
-            worker = _process_on(host_2, b"ray::RayTrainWorker") if committed >= KILL_AFTER else None
-            if worker is not None:
-                os.kill(worker, signal.SIGKILL)
-                lost.append(committed)
-                hosts.run("kill-node", "2")
-                if replace:
-                    hosts.run("add-node", "2")
-                return
-            time.sleep(0.02)
+    def committed() -> int | None:
+        step = store.latest() or 0
+        return step if step >= KILL_AFTER else None
 
-    train = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(tmp_path / "spec.yaml"),
-                              "--ray-address", hosts.env["RAY_ADDRESS"]], env=hosts.env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-    killer = threading.Thread(target=lose_host_2, daemon=True)
-    killer.start()
-    out, _ = train.communicate(timeout=600)
-    killer.join(timeout=60)
-    if not replace:
-        hosts.run("add-node", "2")  # the cluster whole again for what follows
-    assert train.returncode == 0, out[-5000:]
-    assert lost, f"host-2 was not lost during the run:\n{out[-3000:]}"
-    return out, lost[0]
+    return _mixer_losing_host_2(hosts, ["train", str(tmp_path / "spec.yaml")], b"ray::RayTrainWorker",
+                                when=committed, replace=replace, poll_s=0.02)
 
 
 def _starts(run_url: str) -> list[tuple[int, int, list[str]]]:
