@@ -108,8 +108,9 @@ class ClusterSpec:
     gpus_per_worker: int = 0
     cpus_per_worker: int = 1
     max_failures: int = 3
-    # Continue on the workers that remain when hosts are lost (down to min_workers) and grow back when they return,
-    # resuming from the newest checkpoint each time; the global batch and the sample order stay those of the run.
+    # Continue on the workers that remain when hosts are lost (down to min_workers), resuming from the newest
+    # checkpoint; the global batch and the sample order stay those of the run. Ray Train's elastic resize grows the
+    # group back when hosts return.
     elastic: bool = False
     min_workers: int = 1
     resize_check_s: float = 60.0  # how often a healthy elastic run looks for room to grow

@@ -32,7 +32,7 @@ def load_checkpoint(engine: Any, root: str, tag: str, universal: bool) -> str | 
     which torch's Adam then advances once per group each step (a wrong bias correction from the first step on), so
     each group gets a copy of its own."""
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    groups = getattr(inner, "param_groups", [])
+    groups = getattr(inner, "param_groups", []) if universal else []
     own = {key: [g.get(key) for g in groups] for key in (groups[0] if groups else {})
            if key != "params" and len({repr(g.get(key)) for g in groups}) > 1}
     previous = engine._config.load_universal_checkpoint
@@ -41,10 +41,10 @@ def load_checkpoint(engine: Any, root: str, tag: str, universal: bool) -> str | 
         path, _ = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     finally:
         engine._config.load_universal_checkpoint = previous
+    for key, values in own.items():
+        for group, value in zip(groups, values, strict=True):
+            group[key] = value
     if universal:
-        for key, values in own.items():
-            for group, value in zip(groups, values, strict=True):
-                group[key] = value
         for state in getattr(inner, "state", {}).values():
             if hasattr(state.get("step"), "clone"):
                 state["step"] = state["step"].clone()

@@ -196,15 +196,12 @@ def resume(parts: Parts, resume_from: str | None) -> TrainState:
         set_rng_state(rank_state)
     else:
         seed_everything(spec.seed, state.step, parts.rank)
-    if parts.rank == 0:
-        log.info("resumed from step %d (saved by %d workers, now %d)", state.step, record.world_size,
-                 parts.world_size)
     return state
 
 
 def log_start(parts: Parts, state: TrainState) -> None:
-    """Collective: a `start` record of where this (re)start of the run begins and on which hosts; a warning that
-    says why when the world size is not the one the resumed step was saved with."""
+    """Collective: a `start` record of where this (re)start of the run begins and on which hosts; the resume in the
+    log, a warning that says why when the world size is not the one the resumed step was saved with."""
     hosts: list[str | None] = [None] * parts.world_size
     dist.all_gather_object(hosts, socket.gethostname())
     if parts.rank != 0:
@@ -212,7 +209,10 @@ def log_start(parts: Parts, state: TrainState) -> None:
     c, shape, b = parts.spec.cluster, parts.shape, parts.spec.batch
     parts.metrics.log({"kind": "start", "step": state.step, "time": time.time(), "workers": parts.world_size,
                        "saved_by": state.saved_by, "hosts": sorted(set(hosts))})
-    if state.saved_by is None or state.saved_by == parts.world_size:
+    if state.saved_by is None:
+        return
+    log.info("resumed from step %d (saved by %d workers, now %d)", state.step, state.saved_by, parts.world_size)
+    if state.saved_by == parts.world_size:
         return
     workers = f"{parts.world_size} worker{'s' if parts.world_size > 1 else ''}"
     why = (f"the cluster holds {workers} now (cluster.elastic: {c.min_workers} to {c.workers})" if c.elastic

@@ -131,7 +131,7 @@ def _workers(run_url: str) -> str:
         return f"unknown ({type(e).__name__}: {e})"
     if not starts:
         return "no start on record yet (metrics are published at each checkpoint and every 30 s)"
-    return "; ".join(f"{r['workers']} from step {r['step']} on {', '.join(r.get('hosts') or ['?'])}"
+    return "; ".join(f"{r['workers']} from step {r['step']} on {', '.join(r['hosts'])}"
                      for r in starts)
 
 
