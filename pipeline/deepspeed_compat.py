@@ -7,9 +7,45 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import types
+import warnings
 from typing import Any
 
 DEEPSPEED_VERSION_CHECKED = "0.19.8"
+
+
+def quiet_deprecated_collectives() -> None:
+    """Silence torch's FutureWarning for `all_gather_into_tensor` and `reduce_scatter_tensor`, which ZeRO calls on
+    every step: the warning is about DeepSpeed's code, not the user's, and it is printed again at every step (two
+    lines a rank a step in the run's log, all forwarded to the driver by Ray)."""
+    deprecated = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    warnings.filterwarnings("ignore", message=deprecated, category=FutureWarning)
+
+
+MUON_MODULES = ("deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon")
+
+
+def skip_muon_import() -> None:
+    """Keep DeepSpeed from importing its Muon optimizer, which the trainer never uses (Adam or SGD). ZeRO's sanity
+    check, its optimizers and their gradient reduction import `MuonWithAuxAdam` from `runtime.zero.muon.
+    muon_optimizer` and `muon_update` from `runtime.zero.muon.original_muon` on every engine build and step, only
+    to find that the optimizer is not one; and those imports compile Muon's kernels: torch.compile pulls in
+    inductor, 3-4 s of CPU in every worker of every start. Stand-in modules answer those checks the same way."""
+    if any(name in sys.modules for name in MUON_MODULES):
+        return
+    optimizer, original = (types.ModuleType(name) for name in MUON_MODULES)
+
+    class MuonWithAuxAdam:
+        """Never instantiated: no optimizer of the trainer's is one."""
+
+    def muon_update(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("DeepSpeed's Muon was left out (pipeline.deepspeed_compat.skip_muon_import): the trainer "
+                           "optimizes with Adam or SGD")
+
+    optimizer.MuonWithAuxAdam = MuonWithAuxAdam
+    original.muon_update = muon_update
+    sys.modules.update(zip(MUON_MODULES, (optimizer, original), strict=True))
 
 
 def universal_info_client_state() -> dict[str, Any]:

@@ -47,7 +47,7 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
         storage_path: str | None = None) -> Any:
     """Train a resolved spec on `spec.cluster.workers` Ray Train workers; returns Ray Train's result."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from pipeline.ray_cluster import init_ray
 
@@ -60,7 +60,7 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
     resources = {"CPU": c.cpus_per_worker}
     if c.gpus_per_worker:
         resources["GPU"] = c.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = _trainer_class()(
         _worker,
         train_loop_config={"spec": spec.to_dict(), "resume_from": resume_from, "env": env, "launch_id": launch},
         scaling_config=ray.train.ScalingConfig(
@@ -77,6 +77,21 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
         return trainer.fit()
     finally:
         _release(spec.run.url, launch)
+
+
+def _trainer_class() -> type:
+    """Ray Train's TorchTrainer without its Ray Data hook. The trainer reads its shards itself and passes Ray Train
+    no datasets, yet the hook starts a DatasetManager actor for every worker group anyway: one more process, which
+    imports Ray Data, on the path of every start and restart (about 4 s on a small machine). Relies on
+    `DataParallelTrainer._create_default_callbacks` and `DatasetsCallback` (Ray 2.60)."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list:
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, DatasetsCallback)]
+
+    return Trainer
 
 
 def _release(run_url: str, launch: str) -> None:

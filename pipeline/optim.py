@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from pipeline import deepspeed_compat
 from pipeline.config import Spec
 
 
@@ -91,6 +92,7 @@ def build_engine(spec: Spec, net: torch.nn.Module, shape: StepShape, on_gpu: boo
     """The DeepSpeed engine, with the schedule of `lr_factor` stepped by the engine after each optimizer step."""
     import deepspeed
 
+    deepspeed_compat.skip_muon_import()
     optimizer = None
     if spec.optim.name == "sgd":
         optimizer = torch.optim.SGD(param_groups(net, spec.optim.weight_decay), lr=spec.optim.lr,

@@ -325,6 +325,7 @@ def init_distributed() -> None:
     """Join (or, under torchrun, create) the process group DeepSpeed will use."""
     import deepspeed
 
+    deepspeed_compat.quiet_deprecated_collectives()
     if not torch.cuda.is_available():
         deepspeed_compat.use_gloo_allreduce_on_cpu()
     if not dist.is_initialized():
