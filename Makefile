@@ -15,8 +15,12 @@ $(STAMP): pyproject.toml requirements.lock
 quickstart: $(STAMP)
 	$(BIN)/mixer quickstart
 
+# Two test processes, each test file whole in one of them (its module-scoped clusters and runs stay shared): the
+# suite waits on clusters, kills and timeouts often enough that a second process fills the idle time.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

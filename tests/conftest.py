@@ -15,8 +15,31 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray Train's preemption watcher (an actor per worker group that logs node drains) is one more process to start on
+# the way to every training start and restart; no node here is ever drained.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Keep every Ray address on loopback: without this Ray rewrites 127.0.0.1 to the machine's network address.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+# `make test` hands whole test files to its two processes in collection order: the longest go first, so that none
+# of them starts last and runs on alone while the other process has nothing left to do.
+LONGEST_FIRST = ("test_hosts.py", "test_resume.py", "test_submit.py", "test_train.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """What tests recorded as `record_property("summary", text)` (tables of faults met...), after the results:
+    a test's own prints do not reach the terminal from the suite's worker processes."""
+    for report in terminalreporter.stats.get("passed", []) + terminalreporter.stats.get("failed", []):
+        for name, text in getattr(report, "user_properties", []):
+            if name == "summary":
+                terminalreporter.write_sep("-", report.nodeid)
+                terminalreporter.write_line(text)
 
 
 @pytest.fixture(scope="session")

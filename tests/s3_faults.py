@@ -12,15 +12,21 @@ and, by a seeded schedule, answers some requests with faults instead of the stor
 Schedule: the n-th time a request (method, path with query, Range) arrives, a hash of (seed, request, n) decides
 whether it is faulted (`rate`) and how, among the kinds that fit it; a request is never faulted more than
 `max_in_a_row` times running, so every retried operation ends. The decisions do not depend on the order in which
-concurrent clients arrive, except with `cover_kinds`: then, until every kind has been injected once, a faulted request
-takes the first kind not injected yet that fits it (so a run of a few dozen faults surely meets every kind).
+concurrent clients arrive, except with `cover_kinds`: then, until every kind has been injected once, every request
+that fits a kind not injected yet is faulted with it, whatever the draw (so a phase of a few dozen requests surely
+meets every kind).
 `faults` counts what was injected by kind; `requests` counts requests by method.
+
+`clients_through` and `ray_through` point this process's S3 clients, and the Ray workers started from it, at the
+proxy; `Phases` counts faults and requests per phase of a test for `fault_table`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import os
 import socket
 import struct
 import threading
@@ -29,8 +35,10 @@ import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 KINDS = ("500", "503", "reset", "cut", "stall")
+ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")
 _BODY_KINDS = ("reset", "cut")  # faults that need a response body: GETs only
 # Headers that belong to one connection, not to the request: never forwarded.
 _HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect"}
@@ -114,15 +122,16 @@ class S3FaultProxy:
         digest = hashlib.sha256(f"{self.plan.seed}|{method}|{target}|{range_header}|{n}".encode()).digest()
         draw, pick, size = (int.from_bytes(digest[i:i + 8], "big") / 2**64 for i in (0, 8, 16))
         kinds = [k for k in self.plan.kinds if method == "GET" or k not in _BODY_KINDS]
+        if self.plan.cover_kinds:
+            with self._lock:
+                # The kinds only a GET can take first: GETs are the scarcer requests in most phases.
+                missing = sorted((k for k in kinds if not self.faults[k]), key=lambda k: k not in _BODY_KINDS)
+            if missing:
+                return missing[0], size
         if draw >= self.plan.rate or not kinds:
             with self._lock:
                 self._running[key] = 0
             return None, 0.0
-        if self.plan.cover_kinds:
-            with self._lock:
-                missing = [k for k in kinds if not self.faults[k]]
-            if missing:
-                return missing[0], size
         return kinds[int(pick * len(kinds))], size
 
     def injected(self, method: str, target: str, range_header: str, kind: str | None) -> None:
@@ -288,3 +297,74 @@ def fault_table(rows: dict[str, tuple[Counter[str], Counter[str]]], extra: dict[
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in
                                enumerate(zip(row, widths, strict=True))) for row in lines)
+
+
+@contextlib.contextmanager
+def clients_through(endpoint: str, **env: str):
+    """Point this process's S3 clients at `endpoint` (with extra botocore settings in `env`), restored after."""
+    import fsspec
+    import s3fs
+
+    changed = {**{k: endpoint for k in ENDPOINT_ENV}, **env}
+    saved = {k: os.environ.get(k) for k in changed}
+    conf = fsspec.config.conf.get("s3", {})
+    saved_conf = conf.get("endpoint_url")
+    os.environ.update(changed)
+    if "endpoint_url" in conf:
+        conf["endpoint_url"] = endpoint
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if saved_conf is not None:
+            conf["endpoint_url"] = saved_conf
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@contextlib.contextmanager
+def ray_through(endpoint: str, ray_cluster: Any):
+    """This process and every Ray worker started from here on talk to S3 at `endpoint`: the job's runtime env
+    carries it to prepare tasks and Ray Train workers (whose inherited environment names moto directly)."""
+    import ray
+
+    env = {k: endpoint for k in ENDPOINT_ENV}
+    with clients_through(endpoint):
+        ray.shutdown()
+        ray.init(address=ray_cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            ray.init(address=ray_cluster.address, log_to_driver=False)
+
+
+class Phases:
+    """Per phase of a test: the proxy's counts and the time taken; `extra` takes what the phase checked."""
+
+    def __init__(self, proxy: S3FaultProxy):
+        self.proxy = proxy
+        self.rows: dict[str, tuple[Counter[str], Counter[str]]] = {}
+        self.extra: dict[str, dict[str, object]] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        before_f, before_r = self.proxy.snapshot()
+        started = time.monotonic()
+        self.extra[name] = {"seconds": ""}
+        try:
+            yield
+        finally:
+            faults, requests = self.proxy.snapshot()
+            self.rows[name] = (faults - before_f, requests - before_r)
+            self.extra[name]["seconds"] = f"{time.monotonic() - started:.0f}"
+
+    def faults(self) -> Counter[str]:
+        return sum((f for f, _ in self.rows.values()), Counter())
+
+    def table(self) -> str:
+        return fault_table(self.rows, self.extra)

@@ -296,6 +296,7 @@ def _rank_main(scenario: str, config_path: str) -> None:
     # What pipeline.train.init_distributed does on CPU, without importing the trainer's data stack (torchvision,
     # webdataset: seconds of CPU per rank process, and this file starts nine of them).
     deepspeed_compat.use_gloo_allreduce_on_cpu()
+    deepspeed_compat.skip_muon_import()  # as pipeline.optim.build_engine does
     deepspeed.init_distributed(dist_backend="gloo")
     out = globals()[f"scenario_{scenario}"](cfg)
     if dist.get_rank() == 0:

@@ -2,14 +2,14 @@
 and metrics publishing never fail a run, and shards are checked against dataset.json as they stream.
 
 The S3 tests put tests/s3_faults.py's proxy between the clients and moto's server. The end-to-end test runs
-`mixer prepare`, a training run stopped and resumed (Ray Train, 2 workers) and `mixer export` through it, and checks
-that the shards, dataset.json, per-step losses and exported weights equal those of the same work done without
-faults; it prints a table of the faults injected per phase.
+`mixer prepare` (Ray tasks) through it and reads the dataset back as training does, and checks that the shards,
+dataset.json and every batch equal those of the same work done without faults; it prints a table of the faults
+injected per phase. tests/test_resume.py stops, resumes and exports a training run (Ray Train, 2 workers) through
+the same proxy.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -28,9 +28,7 @@ from PIL import Image
 
 from pipeline import data, storage
 from pipeline.dataset_json import DatasetError, DatasetInfo, Shard, Split
-from tests.s3_faults import FaultPlan, S3FaultProxy, fault_table
-
-ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL")
+from tests.s3_faults import KINDS, FaultPlan, Phases, S3FaultProxy, clients_through, ray_through
 
 
 def _client_error(status: int, code: str) -> Exception:
@@ -94,33 +92,6 @@ def test_retry_backs_off_within_its_budget_and_leaves_the_global_rng_alone():
 
 
 # ---- storage against a faulty S3 --------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def clients_through(endpoint: str, **env: str):
-    """Point this process's S3 clients at `endpoint` (with extra botocore settings in `env`), restored after."""
-    import fsspec
-    import s3fs
-
-    changed = {**{k: endpoint for k in ENDPOINT_ENV}, **env}
-    saved = {k: os.environ.get(k) for k in changed}
-    conf = fsspec.config.conf.get("s3", {})
-    saved_conf = conf.get("endpoint_url")
-    os.environ.update(changed)
-    if "endpoint_url" in conf:
-        conf["endpoint_url"] = endpoint
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if saved_conf is not None:
-            conf["endpoint_url"] = saved_conf
-        s3fs.S3FileSystem.clear_instance_cache()
-
 
 def _new_bucket(endpoint: str) -> str:
     import boto3
@@ -313,23 +284,6 @@ def test_a_failed_tidy_up_after_a_commit_is_a_warning(tmp_path, monkeypatch, cap
 
 # ---- end to end -------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def ray_through(endpoint: str, ray_cluster):
-    """This process and every Ray worker started from here on talk to S3 at `endpoint`: the job's runtime env
-    carries it to prepare tasks and Ray Train workers (whose inherited environment names moto directly)."""
-    import ray
-
-    env = {k: endpoint for k in ENDPOINT_ENV}
-    with clients_through(endpoint):
-        ray.shutdown()
-        ray.init(address=ray_cluster.address, log_to_driver=False, runtime_env={"env_vars": env})
-        try:
-            yield
-        finally:
-            ray.shutdown()
-            ray.init(address=ray_cluster.address, log_to_driver=False)
-
-
 def _direct_bytes(s3_endpoint: str, url: str) -> dict[str, bytes]:
     """Every object under `url`, read from moto itself (not through the proxy)."""
     import boto3
@@ -340,91 +294,45 @@ def _direct_bytes(s3_endpoint: str, url: str) -> dict[str, bytes]:
     return {k[len(prefix) + 1:]: client.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
 
 
-class _Phases:
-    """Per phase: the proxy's counts, the time taken, and (filled in later) what was checked and what was lost."""
-
-    def __init__(self, proxy: S3FaultProxy):
-        self.proxy, self.rows, self.extra = proxy, {}, {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        before_f, before_r = self.proxy.snapshot()
-        started = time.monotonic()
-        self.extra[name] = {"seconds": ""}
-        try:
-            yield
-        finally:
-            faults, requests = self.proxy.snapshot()
-            self.rows[name] = (faults - before_f, requests - before_r)
-            self.extra[name]["seconds"] = f"{time.monotonic() - started:.0f}"
-
-
-def test_prepare_train_resume_and_export_come_through_s3_faults(sample_dataset, ray_cluster, s3_endpoint, tmp_path,
-                                                                capsys):
-    import safetensors.torch
-
+def test_prepare_and_the_reads_of_a_training_run_come_through_s3_faults(sample_dataset, ray_cluster, s3_endpoint,
+                                                                          record_property):
+    """`mixer prepare` (Ray tasks) into a bucket through the faults, then a whole epoch of training batches and the
+    validation batches read from it through the faults: the same files and the same batches as without faults.
+    (A training run stopped, resumed and exported through the faults: tests/test_resume.py.)"""
     from pipeline import cli
-    from pipeline.checkpoint import CheckpointStore
-    from tests.test_train import read_metrics, run_training, tiny_spec
-
-    def spec(dataset: str, run_url: str, **kw):
-        return tiny_spec(dataset, run_url, schedule__total_steps=8, checkpoint__every_steps=4, **kw)
-
-    def exported(url: str) -> tuple[dict, dict]:
-        """(tensors, metadata but the source URL) of a safetensors file."""
-        blob = storage.read_bytes(url)
-        header_len = int.from_bytes(blob[:8], "little")
-        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
-        meta.pop("checkpoint", None)  # the run URL it came from
-        return safetensors.torch.load(blob), meta
-
-    # Without faults: the same training, unbroken, on the local copy of the dataset.
-    baseline = str(tmp_path / "baseline")
-    started = time.monotonic()
-    run_training(spec(sample_dataset, baseline))
-    baseline_s = time.monotonic() - started
-    base_losses = {x["step"]: x["loss"] for x in read_metrics(baseline)[0]}
-    base_weights, base_meta = exported(storage.join(baseline, "exports", "step-000000008.safetensors"))
+    from pipeline.train import stream_config
+    from tests.test_data import assert_same, take
+    from tests.test_train import tiny_spec
 
     root = _new_bucket(s3_endpoint)
-    ds, run_url = storage.join(root, "ds"), storage.join(root, "run")
+    ds = storage.join(root, "ds")
     raw = str(Path(sample_dataset).parent / "raw")
+    config = stream_config(tiny_spec(sample_dataset, "unused"))
+
+    def batches(url: str) -> tuple[list[data.Batch], list[data.Batch]]:
+        info = data.check_dataset(url)
+        stream = data.TrainStream(info, config, 0, 1)
+        return take(stream, stream.batches_per_epoch), list(data.eval_batches(info, "val", 16, 16, 0, 1))
+
+    train, val = batches(sample_dataset)
     plan = FaultPlan(rate=0.12, seed=3, cover_kinds=True)
     with S3FaultProxy(s3_endpoint, plan) as proxy, ray_through(proxy.endpoint, ray_cluster):
-        phases = _Phases(proxy)
+        phases = Phases(proxy)
         with phases.phase("prepare"):
             assert cli.main(["prepare", raw, ds, "--max-size", "40", "--shard-size", "20", "--val-per-class", "5",
                              "--no-progress"]) == 0
-        with phases.phase("train to step 4"):
-            run_training(spec(ds, run_url, run__stop_after=4))
-        stopped_at = CheckpointStore(run_url).latest()
-        phases.extra["train to step 4"].update({"checked": f"step {stopped_at} committed", "lost": 4 - stopped_at})
-        with phases.phase("resume to step 8"):
-            run_training(spec(ds, run_url))
-        with phases.phase("export"):
-            out = storage.join(run_url, "exports", "cli.safetensors")
-            assert cli.main(["export", run_url, out]) == 0
+        with phases.phase("read an epoch"):
+            train_s3, val_s3 = batches(ds)
 
-    # What the store holds and what the runs did, read without the proxy.
     stored = _direct_bytes(s3_endpoint, ds)
     local = {p.name: p.read_bytes() for p in Path(sample_dataset).iterdir() if p.is_file()}
     differ = sorted(n for n in local if stored.get(n) != local[n])
-    phases.extra["prepare"].update({"checked": f"{len(local)} files", "lost": len(differ)})
-    losses = {x["step"]: x["loss"] for x in read_metrics(run_url)[0]}
-    lost_steps = sorted(s for s in base_losses if losses.get(s) != base_losses[s])
-    phases.extra["resume to step 8"].update({"checked": f"{len(losses)} step losses", "lost": len(lost_steps)})
-    weights, meta = exported(out)
-    differ_w = sorted(n for n in base_weights if n not in weights or not weights[n].equal(base_weights[n]))
-    phases.extra["export"].update({"checked": f"{len(weights)} tensors", "lost": len(differ_w)})
-    table = fault_table(phases.rows, phases.extra)
-    (tmp_path / "faults.txt").write_text(table + "\n")
-    with capsys.disabled():
-        print(f"\nS3 faults injected (rate {proxy.plan.rate}, seed {proxy.plan.seed}); every faulted request's "
-              f"operation survived; the unfaulted baseline run took {baseline_s:.0f} s:\n{table}")
-
+    phases.extra["prepare"]["checked"] = f"{len(local)} files"
+    phases.extra["read an epoch"]["checked"] = f"{len(train) + len(val)} batches"
+    record_property("summary", f"S3 faults injected (rate {plan.rate}, seed {plan.seed}); every faulted request's "
+                               f"operation survived:\n{phases.table()}")
     assert not differ and local.keys() <= stored.keys(), differ
-    assert stopped_at == 4
-    assert sorted(losses) == list(range(1, 9)) and not lost_steps, (losses, base_losses)
-    assert not differ_w and sorted(weights) == sorted(base_weights) and meta == base_meta
-    faults = sum((f for f, _ in phases.rows.values()), Counter())
-    assert sum(faults.values()) >= 20 and all(faults[k] for k in ("500", "503", "reset", "cut", "stall")), faults
+    assert_same(train_s3, train)
+    assert_same(val_s3, val)
+    faults = phases.faults()
+    assert sum(faults.values()) >= 10 and all(faults[k] for k in KINDS), faults

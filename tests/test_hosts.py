@@ -164,12 +164,14 @@ def test_a_prep_that_loses_a_host_redoes_its_shards_elsewhere_and_gives_the_same
     assert alive.strip().splitlines()[-1] == "['127.0.0.2', '127.0.0.3', '127.0.1.1']"
 
 
-# Training: 40 steps, a checkpoint every 10, ZeRO-3 (each rank holds a shard of every parameter).
+# Training: 40 steps, a checkpoint every 10, ZeRO-3 (each rank holds a shard of every parameter). Micro batches of
+# 16: one a step on each of two workers (ZeRO-3 gathers every parameter for each micro batch, which is most of a
+# step's time on CPU), two on one.
 STEPS, EVERY, KILL_AFTER = 40, 10, 20
 
 
 def host_spec(dataset: str, run_url: str, **kw):
-    return tiny_spec(dataset, run_url, deepspeed__zero_stage=3, schedule__total_steps=STEPS,
+    return tiny_spec(dataset, run_url, deepspeed__zero_stage=3, schedule__total_steps=STEPS, batch__micro=16,
                      checkpoint__every_steps=EVERY, checkpoint__keep_last=5, eval__every_steps=STEPS, **kw)
 
 

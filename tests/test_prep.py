@@ -163,12 +163,12 @@ def test_resume_after_the_driver_is_killed(sources, reference, ray_cluster, tmp_
 
 def _worker_writing(shard: str) -> psutil.Process | None:
     """The Ray worker inside the task that writes `shard`: its process title names the task, and it holds the
-    shard's temporary tar open."""
-    for proc in psutil.process_iter(["cmdline"]):
-        if (proc.info["cmdline"] or [""])[0] != "ray::write_shard":
-            continue
+    shard's temporary tar open. Only this session's cluster is looked at (its raylets are this process's children),
+    never another's that prepares a shard of the same name."""
+    for proc in psutil.Process().children(recursive=True):
         try:
-            if any(Path(f.path).name == shard and "mixer-shard-" in f.path for f in proc.open_files()):
+            if proc.cmdline()[:1] == ["ray::write_shard"] and any(
+                    Path(f.path).name == shard and "mixer-shard-" in f.path for f in proc.open_files()):
                 return proc
         except psutil.Error:  # it finished or died while we looked
             continue

@@ -1,23 +1,25 @@
-"""Exact resume from checkpoints on S3 (moto's server): after a stop, after a kill -9, under torchrun. (Resume on
-another world size: tests/test_checkpoint.py for the store, tests/test_hosts.py's elastic run for the trainer.)
+"""Exact resume from checkpoints on S3 (moto's server): after a stop, through S3 faults, and under torchrun. (A
+worker killed mid-run, and resume on another world size: tests/test_hosts.py, where a host is lost;
+tests/test_checkpoint.py for the store.)
 
-Every run trains on a copy of the sample dataset with a few rotten samples (tests/test_bad_samples.py `rot`), so the
-same runs also show that a resumed run skips and replaces the same samples, and logs the same skips, as the unbroken
-one. The run resumed after the stop also has a worker killed once it has committed a step of its own: it has to come
-back from both and still end identical to the unbroken run."""
+The stopped run, its resumption and `mixer export` of its last step talk to S3 through tests/s3_faults.py's proxy
+(server errors, resets, bodies cut short, stalls), and still end bit for bit where the unbroken run, which talks to
+moto directly, ends. Every run trains on a copy of the sample dataset with a few rotten samples
+(tests/test_bad_samples.py `rot`), so the same runs also show that a resumed run skips and replaces the same
+samples, and logs the same skips, as the unbroken one."""
 
 from __future__ import annotations
 
-import threading
-import time
+import json
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load
 
 from pipeline import config, run, storage
 from pipeline.checkpoint import CheckpointStore
+from pipeline.metrics import read_records
+from tests.s3_faults import KINDS, FaultPlan, Phases, S3FaultProxy, ray_through
 from tests.test_bad_samples import rot, skip_lines
 from tests.test_train import assert_learned, read_metrics, run_training, tiny_spec
 
@@ -67,67 +69,39 @@ def unbroken(dataset, ray_cluster, s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="module")
-def stopped(dataset, unbroken) -> str:
-    """A run stopped (as if preempted) after HALF steps, checkpointed to S3."""
-    url = "s3://resume-runs/stopped"
-    run_training(spec_for(dataset, url, run__stop_after=HALF))
-    store = CheckpointStore(storage.join(url, "checkpoints"))
-    assert store.latest() == HALF
-    assert max(losses(url)) == HALF
-    return url
+def faulted(dataset, unbroken, ray_cluster, s3_endpoint) -> dict:
+    """The same run through S3 faults: stopped (as if preempted) after HALF steps, resumed to the end by the same
+    command, its last step exported by `mixer export`. Returns its URL, the step committed at the stop, the
+    export's URL and the faults met per phase."""
+    from pipeline import cli
+
+    url = "s3://resume-runs/faulted"
+    export = storage.join(url, "exports", "cli.safetensors")
+    plan = FaultPlan(rate=0.12, seed=3, cover_kinds=True)
+    with S3FaultProxy(s3_endpoint, plan) as proxy, ray_through(proxy.endpoint, ray_cluster):
+        phases = Phases(proxy)
+        with phases.phase(f"train to step {HALF}"):
+            run_training(spec_for(dataset, url, run__stop_after=HALF))
+        stopped_at = CheckpointStore(url).latest()
+        phases.extra[f"train to step {HALF}"]["checked"] = f"step {stopped_at} committed"
+        with phases.phase(f"resume to step {STEPS}"):
+            run_training(spec_for(dataset, url))
+        with phases.phase("export"):
+            assert cli.main(["export", url, export]) == 0
+    return {"url": url, "stopped_at": stopped_at, "export": export, "phases": phases}
 
 
-def copy_run(src: str, dst: str) -> str:
-    fs, _ = storage.filesystem(src)
-    fs.copy(src.removeprefix("s3://"), dst.removeprefix("s3://"), recursive=True)
-    return dst
-
-
-def _train_workers() -> list[psutil.Process]:
-    """The Ray Train workers of this session's cluster (its raylets are this process's children): never those of
-    another Ray cluster on the machine."""
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(proc.cmdline())
-        except psutil.Error:  # ended meanwhile
-            continue
-        if "RayTrainWorker" in cmd:
-            found.append(proc)
-    return found
-
-
-@pytest.fixture(scope="module")
-def resumed(dataset, stopped) -> tuple[str, list[int]]:
-    """A copy of the stopped run, resumed to the end by the same command; once it has committed a step of its own
-    (HALF < step < STEPS), one of its workers is killed with SIGKILL, and Ray Train's restart of the worker group
-    resumes it once more. Returns its URL and the step committed when the worker was killed."""
-    url = copy_run(stopped, "s3://resume-runs/resumed")
-    killed: list[int] = []
-
-    def kill_after_a_checkpoint_of_its_own() -> None:
-        store = CheckpointStore(storage.join(url, "checkpoints"))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed:
-            committed = store.latest() or 0
-            if committed > HALF:
-                workers = _train_workers()
-                if workers:
-                    workers[-1].kill()  # SIGKILL
-                    killed.append(committed)
-                    return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_after_a_checkpoint_of_its_own, daemon=True)
-    killer.start()
-    # The same command (cluster.max_failures is not part of the run's identity): resumes on its own.
-    run_training(spec_for(dataset, url, cluster__max_failures=2))
-    killer.join(timeout=5)
-    return url, killed
-
-
-def test_stop_and_resume_equals_the_unbroken_run_bitwise(unbroken, resumed):
-    url, _ = resumed
+def test_stop_and_resume_through_s3_faults_equals_the_unbroken_run_bitwise(unbroken, faulted, record_property):
+    phases = faulted["phases"]
+    plan = phases.proxy.plan
+    record_property("summary", f"S3 faults injected (rate {plan.rate}, seed {plan.seed}); every faulted request's "
+                               f"operation survived:\n{phases.table()}")
+    faults = phases.faults()
+    assert sum(faults.values()) >= 20 and all(faults[k] for k in KINDS), faults
+    assert faulted["stopped_at"] == HALF
+    url = faulted["url"]
+    starts = [r["step"] for r in read_records(url) if r["kind"] == "start"]
+    assert starts == [0, HALF], "one start from scratch, one resume from the stop"
     straight, again = losses(unbroken), losses(url)
     assert sorted(again) == list(range(1, STEPS + 1))
     assert again == straight  # identical per-step losses, before and after the stop
@@ -135,17 +109,22 @@ def test_stop_and_resume_equals_the_unbroken_run_bitwise(unbroken, resumed):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_worker_killed_mid_run_restarts_resumes_and_ends_identical(unbroken, resumed):
-    url, killed = resumed
-    assert killed, "no training worker was found to kill"
-    assert HALF < killed[0] < STEPS, "the worker died after training had finished: nothing was resumed"
-    a, b = final_weights(unbroken), final_weights(url)
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert losses(url) == losses(unbroken)
-    assert skip_lines(url) == skip_lines(unbroken)
+def test_mixer_export_through_s3_faults_gives_the_trainers_export(unbroken, faulted):
+    def exported(url: str) -> tuple[dict, dict]:
+        """(tensors, metadata but the checkpoint it came from) of a safetensors file."""
+        blob = storage.read_bytes(url)
+        header_len = int.from_bytes(blob[:8], "little")
+        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
+        meta.pop("checkpoint", None)
+        return load(blob), meta
+
+    weights, meta = exported(faulted["export"])
+    reference, reference_meta = exported(storage.join(unbroken, "exports", f"step-{STEPS:09d}.safetensors"))
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in reference)
+    assert meta == reference_meta
 
 
-def test_rotten_samples_are_skipped_and_a_resumed_run_skips_the_same(rotten, unbroken, resumed):
+def test_rotten_samples_are_skipped_and_a_resumed_run_skips_the_same(rotten, unbroken, faulted):
     _, rotten_keys = rotten
     train, _ = read_metrics(unbroken)
     lines = skip_lines(unbroken)
@@ -155,7 +134,7 @@ def test_rotten_samples_are_skipped_and_a_resumed_run_skips_the_same(rotten, unb
     for x in train:  # cumulative over the ranks, as of each step
         assert x["skipped_samples"] == sum(line["step"] <= x["step"] for line in lines)
     assert min(x["step"] for x in lines) <= HALF < max(x["step"] for x in lines), "skips on both sides of the stop"
-    url, _ = resumed
+    url = faulted["url"]
     assert skip_lines(url) == lines
     assert read_metrics(url)[0][-1]["skipped_samples"] == len(lines)
 
