@@ -138,6 +138,12 @@ def test_each_layout_prepares_to_local_and_s3_with_identical_bytes(layout, sourc
     _assert_reads_back_locally(local, info)
 
 
+def _committed_progress(dest: Path) -> list[Path]:
+    """The progress records of finished shards: not the temporaries of records being written (`.tmp-*`), which a
+    task ended with its driver removes."""
+    return [p for p in (dest / "_progress").glob("*-0*.json") if not p.name.startswith(".")]
+
+
 def test_resume_after_the_driver_is_killed(sources, reference, ray_cluster, tmp_path):
     dest = tmp_path / "ds"
     command = [sys.executable, "-m", "pipeline.cli", "prepare", sources["imagefolder"]["url"], str(dest),
@@ -145,14 +151,14 @@ def test_resume_after_the_driver_is_killed(sources, reference, ray_cluster, tmp_
                "--ray-address", ray_cluster.address, "--workers", "1", "--no-progress"]
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 90
-    while not list((dest / "_progress").glob("*-0*.json")):
+    while not _committed_progress(dest):
         assert driver.poll() is None, driver.stdout.read().decode()
         assert time.monotonic() < deadline, "the driver wrote no shard in 90 s"
         time.sleep(0.01)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     assert not (dest / "dataset.json").exists()
-    done_before = len(list((dest / "_progress").glob("*-0*.json")))
+    done_before = len(_committed_progress(dest))
 
     summary = prepare(sources["imagefolder"]["url"], str(dest), OPTIONS, progress=False)
     assert summary["shards_skipped"] >= done_before >= 1
