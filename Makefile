@@ -6,12 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: quickstart test lint bench clean
 
-# --no-compile: Python compiles a module the first time it is imported; compiling all of every package at install
-# time (torch, ray...) takes longer than the rest of the install together.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --no-compile --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
 quickstart: $(STAMP)
