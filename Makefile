@@ -16,11 +16,12 @@ quickstart: $(STAMP)
 	$(BIN)/mixer quickstart
 
 # Two test processes, each test file whole in one of them (its module-scoped clusters and runs stay shared): the
-# suite waits on clusters, kills and timeouts often enough that a second process fills the idle time.
+# suite waits on clusters, kills and timeouts often enough that a second process fills the idle time. Files go out
+# in collection order (tests/conftest.py puts the longest first), not pytest-xdist's default of most tests first.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -10,13 +10,11 @@ samples, and logs the same skips, as the unbroken one."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors.torch import load
 
-from pipeline import config, run, storage
+from pipeline import config, convert, run, storage
 from pipeline.checkpoint import CheckpointStore
 from pipeline.metrics import read_records
 from tests.s3_faults import KINDS, FaultPlan, Phases, S3FaultProxy, ray_through
@@ -113,8 +111,7 @@ def test_mixer_export_through_s3_faults_gives_the_trainers_export(unbroken, faul
     def exported(url: str) -> tuple[dict, dict]:
         """(tensors, metadata but the checkpoint it came from) of a safetensors file."""
         blob = storage.read_bytes(url)
-        header_len = int.from_bytes(blob[:8], "little")
-        meta = json.loads(blob[8:8 + header_len]).get("__metadata__", {})
+        meta = convert._safetensors_metadata(blob)
         meta.pop("checkpoint", None)
         return load(blob), meta
 
