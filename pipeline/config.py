@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -117,9 +118,26 @@ class ClusterSpec:
 
 
 @dataclass
+class FewShotSpec:
+    """Few-shot linear evaluation (pipeline/fewshot.py) on downstream datasets made by `mixer prepare`: shots from
+    their train split, top-1 on their test split."""
+
+    datasets: list[str] = field(default_factory=list)  # URLs; none: off
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10, 25])
+    # A list: picked per shot count and draw by the accuracy on holdout_per_class more images of each class.
+    l2: float | list[float] = 1024.0
+    seeds: int = 3  # draws of the shots; reported accuracies are their mean
+    every_steps: int = 0  # 0: only at the end
+    train_split: str = "train"
+    test_split: str = "val"
+    holdout_per_class: int = 5
+
+
+@dataclass
 class EvalSpec:
     every_steps: int = 0  # 0: only at the end
     batch_size: int = 128
+    fewshot: FewShotSpec = field(default_factory=FewShotSpec)
 
 
 @dataclass
@@ -200,6 +218,8 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin is tuple:
         return f"a list of {len(typing.get_args(tp))} numbers"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -222,6 +242,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if isinstance(value, list | tuple) and len(value) == len(args):
             return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    elif origin is list:
+        if isinstance(value, list | tuple):
+            return [_coerce(v, typing.get_args(tp)[0], f"{path}[{i}]") for i, v in enumerate(value)]
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
             return _build(tp, value, path)
@@ -325,6 +348,11 @@ def absolute_local_paths(spec: Spec, base: str) -> list[str]:
         if value and "://" not in value and not os.path.isabs(value):
             setattr(part, key, os.path.normpath(os.path.join(base, value)))
             changed.append(f"{section}.{key}")
+    fewshot = spec.eval.fewshot
+    for i, value in enumerate(fewshot.datasets):
+        if value and "://" not in value and not os.path.isabs(value):
+            fewshot.datasets[i] = os.path.normpath(os.path.join(base, value))
+            changed.append(f"eval.fewshot.datasets[{i}]")
     return changed
 
 
@@ -443,3 +471,23 @@ def validate(spec: Spec) -> None:
         raise SpecError(f"run.io_retry_s: must be >= 0 seconds (0: no retries), got {spec.run.io_retry_s}")
     if spec.optim.name == "sgd" and spec.deepspeed.offload_optimizer:
         raise SpecError("deepspeed.offload_optimizer works with optim.name=adam only")
+    _check_fewshot(spec.eval.fewshot)
+
+
+def _check_fewshot(f: FewShotSpec) -> None:
+    if not f.datasets:
+        return
+    names = [posixpath.basename(url.rstrip("/")) for url in f.datasets]
+    if len(set(names)) != len(names) or not all(names):
+        raise SpecError(f"eval.fewshot.datasets: {f.datasets} must end in distinct names (metrics are reported "
+                        "as fewshot/<name>/<n>shot, <name> the URL's last part)")
+    if not f.shots or min(f.shots) < 1:
+        raise SpecError(f"eval.fewshot.shots: {f.shots} must be a non-empty list of positive shot counts")
+    l2s = f.l2 if isinstance(f.l2, list) else [f.l2]
+    if not l2s or min(l2s) <= 0:
+        raise SpecError(f"eval.fewshot.l2: {f.l2} must be a positive strength or a non-empty list of them")
+    for name, value in (("seeds", f.seeds), ("holdout_per_class", f.holdout_per_class)):
+        if value < 1:
+            raise SpecError(f"eval.fewshot.{name}: must be positive, got {value}")
+    if f.every_steps < 0:
+        raise SpecError(f"eval.fewshot.every_steps: must be >= 0 (0: only at the end), got {f.every_steps}")

@@ -508,6 +508,32 @@ def _to_float(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def to_float(views: torch.Tensor) -> torch.Tensor:
+    """A uint8 batch as the model takes it: float32 in [-1, 1]."""
+    return _to_float([views])
+
+
+def shard_labels(info: DatasetInfo, shard: Shard) -> list[tuple[int, ...]]:
+    """Each sample's labels, in shard order; the images are not decoded."""
+    return [sample.labels for _, sample in _read_shard(info, shard, None, shard.samples)]
+
+
+def eval_views(info: DatasetInfo, shard: Shard, wanted: set[int], image_size: int,
+               resize: int | None = None) -> Iterator[tuple[int, torch.Tensor, tuple[int, ...]]]:
+    """(position in the shard, uint8 view, labels) of the `wanted` samples of a shard, resized and
+    centre-cropped as `eval_batches` does; an unusable sample is left out with a warning."""
+    if not wanted:
+        return
+    resize = resize or round(image_size * 8 / 7)
+    for index, sample in _read_shard(info, shard, wanted, max(wanted) + 1):
+        try:
+            view = _eval_image(sample, image_size, resize)
+        except BadSampleError as e:
+            log.warning("%s; left out of the evaluation", e)
+            continue
+        yield index, view, sample.labels
+
+
 def _targets(labels: Sequence[tuple[int, ...]], num_classes: int) -> torch.Tensor:
     targets = torch.zeros(len(labels), num_classes)
     rows = [i for i, ls in enumerate(labels) for _ in ls]

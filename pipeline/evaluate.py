@@ -73,3 +73,19 @@ def evaluate_weights(spec: Spec, weights: str, split: str | None = None) -> dict
     if split:
         spec.data.eval_split = split
     return evaluate(net, spec, info, 0, 1, torch.device("cpu"), torch.float32)
+
+
+def fewshot_weights(spec: Spec, weights: str) -> dict[str, float]:
+    """`mixer eval --fewshot`: this process alone runs the spec's few-shot evaluation (eval.fewshot) on a checkpoint
+    (run or step URL) or exported weights; the numbers are those a run of any size logs for the same weights."""
+    from pipeline import convert, fewshot
+    from pipeline.config import SpecError
+
+    f = spec.eval.fewshot
+    if not f.datasets:
+        raise SpecError("eval.fewshot.datasets is empty: name the downstream datasets (made by `mixer prepare`), "
+                        "e.g. --set 'eval.fewshot.datasets=[s3://bucket/datasets/pets]'")
+    net = convert.load_weights(weights, image_size=spec.model.image_size, gelu=spec.model.gelu)
+    size, resize, batch = spec.model.image_size, spec.data.eval_resize, spec.eval.batch_size
+    downstream = fewshot.prepare(f, size, resize, batch, 0, 1, spec.seed)
+    return fewshot.evaluate(net, f, downstream, size, resize, batch, 0, 1, torch.device("cpu"), torch.float32)

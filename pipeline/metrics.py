@@ -4,7 +4,9 @@ Lines are JSON objects, `{"kind": "train", "step", "epoch", "time", "loss", "lr"
 "step_time_s", "mfu", "eta_s", "skipped_samples"}` (training samples skipped as unusable so far, over all ranks and
 the whole run; each is a line of RUN/skipped.jsonl) or `{"kind": "eval", "step", "top1", "top5", "loss"}`
 (multi-label runs add "prec1"), and at each start or restart of the workers `{"kind": "start", "step", "time",
-"workers", "saved_by", "hosts"}` (saved_by: the world size of the checkpoint resumed from, null on a fresh start).
+"workers", "saved_by", "hosts"}` (saved_by: the world size of the checkpoint resumed from, null on a fresh start),
+and with `eval.fewshot` `{"kind": "fewshot", "step", "fewshot/<dataset>/<n>shot", ..., "fewshot/seconds"}`
+(pipeline/fewshot.py).
 Only rank 0 writes. The file is kept locally and published whole (atomically) every `flush_every_s` seconds, at each
 checkpoint and at the end; on resume, lines past the resumed step are dropped so the history has no duplicates.
 
@@ -120,7 +122,8 @@ class MetricsLog:
         kind = record.get("kind", "train")
         for key, value in record.items():
             if key not in ("kind", "step", "time") and isinstance(value, int | float):
-                self._tb.add_scalar(f"{kind}/{key}", value, record["step"])
+                tag = key if key.startswith(f"{kind}/") else f"{kind}/{key}"
+                self._tb.add_scalar(tag, value, record["step"])
         if time.monotonic() - self._last_flush > self.flush_every_s:
             self.flush()
 

@@ -18,7 +18,8 @@ def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[in
 
 
 def render(records: list[dict[str, Any]], title: str = "") -> bytes:
-    """A 2x2 figure as PNG bytes: loss (train and eval), learning rate, images/s, eval top-1/top-5."""
+    """A 2x2 figure as PNG bytes: loss (train and eval), learning rate, images/s, and the evaluations: top-1/top-5
+    and the few-shot accuracies (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +47,11 @@ def render(records: list[dict[str, Any]], title: str = "") -> bytes:
         steps, values = _series(records, "eval", key)
         if steps:
             acc_ax.plot(steps, values, "o-", label=label)
+    fewshot = sorted({k for r in records if r.get("kind") == "fewshot" for k in r
+                      if k.startswith("fewshot/") and k.endswith("shot")})
+    for key in fewshot:
+        steps, values = _series(records, "fewshot", key)
+        acc_ax.plot(steps, values, "s--", label=key)
     acc_ax.set(title="evaluation", xlabel="step", ylim=(0, 1))
     if acc_ax.lines:
         acc_ax.legend()

@@ -61,7 +61,21 @@ def preflight(spec: Spec, *, resume: bool = True, resume_from: str | None = None
     if spec.data.eval_split and spec.data.eval_split not in info.splits:
         raise SpecError(f"data.eval_split: {spec.data.eval_split!r} is not in {spec.data.dataset} (it has "
                         f"{', '.join(info.splits)}); name one of those, or null for no evaluation")
+    _check_fewshot_datasets(spec)
     _check_run_identity(spec, resume=resume, resume_from=resume_from)
+
+
+def _check_fewshot_datasets(spec: Spec) -> None:
+    f = spec.eval.fewshot
+    for url in f.datasets:
+        try:
+            info = data.check_dataset(url)
+            data.check_shards_present(info, [f.train_split, f.test_split])
+        except DatasetError as e:
+            raise SpecError(f"eval.fewshot.datasets: {e}") from e
+        if info.multi_label:
+            raise SpecError(f"eval.fewshot.datasets: {url} is multi-label; few-shot linear evaluation takes "
+                            "single-label datasets")
 
 
 def _check_lease(spec: Spec) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pipeline import data, deepspeed_compat, metrics, optim, run, storage
+from pipeline import data, deepspeed_compat, fewshot, metrics, optim, run, storage
 from pipeline.checkpoint import CheckpointStore, StepRecord
 from pipeline.config import Spec
 from pipeline.dataset_json import DatasetInfo
@@ -87,6 +87,7 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
     window = LossWindow(torch.zeros((), device=parts.device))
     skips = SkipLog(spec, enabled=parts.rank == 0, resume_step=state.step)
     last_eval: dict[str, float] = {}
+    downstream = prepare_fewshot(parts)
     batches = iter(state.stream)
     while state.step < stop_at:
         batch = next(batches)
@@ -102,9 +103,37 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
             last_eval = evaluate(parts.engine, spec, parts.info, parts.rank, parts.world_size, parts.device,
                                  input_dtype(spec))
             parts.metrics.log({"kind": "eval", "step": state.step, **last_eval})
+        if downstream and due(state.step, spec.eval.fewshot.every_steps, parts.shape.total_steps):
+            log_fewshot(parts, state.step, downstream)
         if progress is not None:
             progress.update(1)
     return finish(parts, state, last_eval, progress)
+
+
+def prepare_fewshot(parts: Parts) -> list[fewshot.Downstream]:
+    """Draw the shots of every few-shot dataset and read this rank's share of them, once for the run."""
+    spec = parts.spec
+    if not spec.eval.fewshot.datasets:
+        return []
+    start = time.monotonic()
+    downstream = fewshot.prepare(spec.eval.fewshot, spec.model.image_size, spec.data.eval_resize,
+                                 spec.eval.batch_size, parts.rank, parts.world_size, spec.seed)
+    if parts.rank == 0:
+        for ds in downstream:
+            log.info("few-shot %s: %d draws of %d classes, %d images drawn (%.1f s for all datasets)", ds.name,
+                     len(ds.draws), ds.info.num_classes, len(ds.picks), time.monotonic() - start)
+    return downstream
+
+
+def log_fewshot(parts: Parts, step: int, downstream: list[fewshot.Downstream]) -> None:
+    spec = parts.spec
+    results = fewshot.evaluate(parts.engine.module, spec.eval.fewshot, downstream, spec.model.image_size,
+                               spec.data.eval_resize, spec.eval.batch_size, parts.rank, parts.world_size,
+                               parts.device, input_dtype(spec))
+    parts.metrics.log({"kind": "fewshot", "step": step, **results})
+    if parts.rank == 0:
+        log.info("step %d few-shot: %s", step, ", ".join(f"{k.removeprefix('fewshot/')} {v:.4g}"
+                                                         for k, v in results.items()))
 
 
 def due(step: int, every: int, last: int) -> bool:

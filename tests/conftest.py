@@ -108,6 +108,30 @@ def sample_dataset(ray_cluster, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def digits_dataset(ray_cluster, tmp_path_factory) -> str:
+    """scikit-learn's handwritten digits (1,797 8x8 grey images, 10 classes), written as 32x32 PNGs (each pixel 4x4)
+    and made a dataset by `mixer prepare`: a downstream set for few-shot evaluation. val: 30 a class; train: the
+    other 1,497; shards of 100."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline import cli
+
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / "raw" / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        grey = Image.fromarray((pixels * 255 / 16).round().astype(np.uint8))
+        grey.resize((32, 32), Image.Resampling.NEAREST).convert("RGB").save(folder / f"{i:04d}.png")
+    ds = str(root / "digits")
+    assert cli.main(["prepare", str(root / "raw"), ds, "--shard-size", "100", "--val-per-class", "30",
+                     "--no-progress"]) == 0
+    return ds
+
+
+@pytest.fixture(scope="session")
 def sample_multilabel_dataset(ray_cluster, tmp_path_factory) -> str:
     """A small multi-label dataset (manifest layout, `{key}.json` with "labels") made by `mixer prepare`.
     8 classes x 30 images, a quarter of them with 2-3 labels: train 11 shards, val 2 shards (3 per class)."""

@@ -10,6 +10,8 @@ samples, and logs the same skips, as the unbroken one."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load
@@ -25,7 +27,7 @@ from tests.test_train import assert_learned, read_metrics, run_training, tiny_sp
 # checkpoints, and the rotten samples are skipped on both sides of it. 20 steps also take the unbroken run well past
 # tests/test_train.py's learning claims (the mean of its last 5 losses about half of ln(8), every validation image
 # right).
-STEPS, HALF, EVERY = 20, 13, 5
+STEPS, HALF, EVERY, FEWSHOT_EVERY = 20, 13, 5, 10
 
 
 def final_weights(run_url: str) -> dict[str, torch.Tensor]:
@@ -36,9 +38,19 @@ def losses(run_url: str) -> dict[int, float]:
     return {x["step"]: x["loss"] for x in read_metrics(run_url)[0]}
 
 
-def spec_for(dataset: str, run_url: str, **kw):
+def spec_for(dataset: str, run_url: str, digits: str | None = None, **kw):
+    """The runs' spec; with `digits`, 10-shot linear evaluation on it every FEWSHOT_EVERY steps (l2 picked from a
+    list on held-out images)."""
+    if digits:
+        kw["eval__fewshot"] = {"datasets": [digits], "shots": [10], "l2": [4.0, 1024.0], "every_steps": FEWSHOT_EVERY}
     return tiny_spec(dataset, run_url, schedule__total_steps=STEPS, checkpoint__every_steps=EVERY,
                      data__max_skipped_fraction=0.05, **kw)
+
+
+def fewshot_records(run_url: str) -> list[dict]:
+    """The run's few-shot records, less what depends on the machine's speed."""
+    return [{k: v for k, v in r.items() if k not in ("time", "fewshot/seconds")} for r in read_records(run_url)
+            if r["kind"] == "fewshot"]
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +69,17 @@ def dataset(rotten) -> str:
 
 
 @pytest.fixture(scope="module")
-def unbroken(dataset, ray_cluster, s3_endpoint) -> str:
+def unbroken(dataset, digits_dataset, ray_cluster, s3_endpoint) -> str:
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="resume-runs")
     url = "s3://resume-runs/unbroken"
-    run_training(spec_for(dataset, url))
+    run_training(spec_for(dataset, url, digits_dataset))
     return url
 
 
 @pytest.fixture(scope="module")
-def faulted(dataset, unbroken, ray_cluster, s3_endpoint) -> dict:
+def faulted(dataset, digits_dataset, unbroken, ray_cluster, s3_endpoint) -> dict:
     """The same run through S3 faults: stopped (as if preempted) after HALF steps, resumed to the end by the same
     command, its last step exported by `mixer export`. Returns its URL, the step committed at the stop, the
     export's URL and the faults met per phase."""
@@ -79,11 +91,11 @@ def faulted(dataset, unbroken, ray_cluster, s3_endpoint) -> dict:
     with S3FaultProxy(s3_endpoint, plan) as proxy, ray_through(proxy.endpoint, ray_cluster):
         phases = Phases(proxy)
         with phases.phase(f"train to step {HALF}"):
-            run_training(spec_for(dataset, url, run__stop_after=HALF))
+            run_training(spec_for(dataset, url, digits_dataset, run__stop_after=HALF))
         stopped_at = CheckpointStore(url).latest()
         phases.extra[f"train to step {HALF}"]["checked"] = f"step {stopped_at} committed"
         with phases.phase(f"resume to step {STEPS}"):
-            run_training(spec_for(dataset, url))
+            run_training(spec_for(dataset, url, digits_dataset))
         with phases.phase("export"):
             assert cli.main(["export", url, export]) == 0
     return {"url": url, "stopped_at": stopped_at, "export": export, "phases": phases}
@@ -105,6 +117,7 @@ def test_stop_and_resume_through_s3_faults_equals_the_unbroken_run_bitwise(unbro
     assert again == straight  # identical per-step losses, before and after the stop
     a, b = final_weights(unbroken), final_weights(url)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert fewshot_records(url) == fewshot_records(unbroken)  # one before the stop, one after
 
 
 def test_mixer_export_through_s3_faults_gives_the_trainers_export(unbroken, faulted):
@@ -150,14 +163,14 @@ def test_no_resume_and_a_changed_spec_are_refused_before_start(dataset, unbroken
     run.preflight(spec_for(dataset, unbroken, cluster__workers=1))  # another world size is fine
 
 
-def test_the_same_trainer_under_torchrun_gives_the_same_run(dataset, unbroken, tmp_path):
+def test_the_same_trainer_under_torchrun_gives_the_same_run(dataset, digits_dataset, unbroken, tmp_path):
     import socket
     import subprocess
     import sys
 
     url = "s3://resume-runs/torchrun"
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(spec_for(dataset, url).to_yaml())
+    spec_path.write_text(spec_for(dataset, url, digits_dataset).to_yaml())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -169,3 +182,34 @@ def test_the_same_trainer_under_torchrun_gives_the_same_run(dataset, unbroken, t
     assert losses(url) == losses(unbroken)
     a, b = final_weights(unbroken), final_weights(url)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert fewshot_records(url) == fewshot_records(unbroken)
+
+
+def test_the_run_logs_fewshot_above_a_random_model_and_one_process_gets_the_same(dataset, digits_dataset, unbroken,
+                                                                                 tmp_path, capsys, record_property):
+    """10-shot digits, logged at steps 10 and 20 by the two-worker run, above what the run's initial (random) model
+    scores; `mixer eval --fewshot` on the export, one process, gives the run's numbers to the bit."""
+    from pipeline import cli, fewshot
+    from pipeline.train import build_model, seed_everything
+
+    records = fewshot_records(unbroken)
+    assert [r["step"] for r in records] == [FEWSHOT_EVERY, STEPS]
+    assert set(records[-1]) == {"kind", "step", "fewshot/digits/10shot", "fewshot/digits/10shot/l2"}
+
+    spec = spec_for(dataset, unbroken, digits_dataset)
+    seed_everything(spec.seed, 0, 0)  # as the trainer starts: rank 0's seed at step 0, then the model
+    initial = build_model(spec, 8)
+    f = spec.eval.fewshot
+    baseline = fewshot.evaluate(initial, f, fewshot.prepare(f, 32, None, 64, 0, 1, spec.seed), 32, None, 64, 0, 1,
+                                torch.device("cpu"), torch.float32)["fewshot/digits/10shot"]
+    record_property("summary", "10-shot digits (mean of 3 draws): " + ", ".join(
+        f"step {r['step']} {r['fewshot/digits/10shot']:.3f}" for r in records) + f"; the initial model {baseline:.3f}")
+    assert records[-1]["fewshot/digits/10shot"] > baseline + 0.03, (records, baseline)
+
+    (tmp_path / "spec.yaml").write_text(spec.to_yaml())
+    export = storage.join(unbroken, "exports", f"step-{STEPS:09d}.safetensors")
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "spec.yaml"), "--checkpoint", export, "--fewshot"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in alone.items() if k != "fewshot/seconds"} == {
+        k: v for k, v in records[-1].items() if k.startswith("fewshot/")}

@@ -16,6 +16,15 @@ Resume is automatic: when run.url already holds committed checkpoints the run co
 Under torchrun or the deepspeed launcher, run the same trainer with `python -m pipeline.train SPEC`.
 """
 
+EVAL_EPILOG = """\
+examples:
+  mixer eval SPEC --checkpoint s3://bucket/runs/b16                       # newest checkpoint, data.eval_split
+  mixer eval SPEC --checkpoint RUN/exports/step-000100000.safetensors --split test
+  mixer eval SPEC --checkpoint RUN --fewshot --set 'eval.fewshot.datasets=[s3://bucket/datasets/pets]'
+
+Few-shot gives the numbers a run logs as fewshot/<dataset>/<n>shot for the same weights, on any number of workers.
+"""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a Mixer on Ray Train workers (DeepSpeed ZeRO)",
@@ -33,13 +42,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--no-resume", action="store_true", help="refuse to touch a run that already has checkpoints")
     p.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint or export on the spec's eval split",
+    e = sub.add_parser("eval", help="evaluate a checkpoint or export on the spec's eval split, or few-shot",
                        description="Evaluate a checkpoint (run URL, step folder or .safetensors export) on the "
-                                   "spec's eval split: top-1, top-5 (precision@1 for multi-label data) and loss.")
+                                   "spec's eval split: top-1, top-5 (precision@1 for multi-label data) and loss. "
+                                   "With --fewshot: the spec's few-shot linear evaluation (eval.fewshot) instead.",
+                       epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     e.add_argument("spec")
     e.add_argument("--checkpoint", required=True, metavar="URL",
                    help="run URL (newest checkpoint), step folder URL, or exported weights")
     e.add_argument("--split", default=None, help="split to evaluate (default: data.eval_split)")
+    e.add_argument("--fewshot", action="store_true",
+                   help="few-shot linear evaluation on eval.fewshot.datasets (shots, l2, draws from the spec)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     e.set_defaults(func=run_eval)
 
@@ -56,8 +69,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from pipeline.config import load
-    from pipeline.evaluate import evaluate_weights
+    from pipeline.evaluate import evaluate_weights, fewshot_weights
 
-    result = evaluate_weights(load(args.spec, args.overrides), args.checkpoint, split=args.split)
+    spec = load(args.spec, args.overrides)
+    if args.fewshot:
+        result = fewshot_weights(spec, args.checkpoint)
+    else:
+        result = evaluate_weights(spec, args.checkpoint, split=args.split)
     print(json.dumps(result, indent=2))
     return 0
