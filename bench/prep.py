@@ -47,6 +47,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data_prep.dedup import build_index  # noqa: E402
 from data_prep.images import ImagePolicy, process, target_size  # noqa: E402
 from data_prep.prepare import PrepareOptions, prepare  # noqa: E402
 
@@ -155,8 +156,8 @@ def psnr(files: list[str], img2dataset: dict[str, bytes] | None) -> dict[str, fl
     return {side: round(float(np.mean(v)), 2) for side, v in sides.items()}
 
 
-def ours_run(raw: str, dest: str, workers: int, shard_size: int = SHARD_SIZE) -> int:
-    options = PrepareOptions(max_size=MAX_SIZE, quality=QUALITY, shard_size=shard_size)
+def ours_run(raw: str, dest: str, workers: int, shard_size: int = SHARD_SIZE, dedup: tuple[str, ...] = ()) -> int:
+    options = PrepareOptions(max_size=MAX_SIZE, quality=QUALITY, shard_size=shard_size, dedup_against=dedup)
     with contextlib.redirect_stdout(io.StringIO()):  # its summary would break up the table
         return prepare(raw, dest, options, workers=workers, progress=False)["samples"]["train"]
 
@@ -249,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="img2dataset executable (default: .venv-bench/bin/img2dataset, else PATH; 'none': skip)")
     parser.add_argument("--img2dataset-processes", type=int, default=1,
                         help=f"img2dataset's processes, {I2D_THREADS} threads each")
+    parser.add_argument("--dedup-references", type=int, default=500,
+                        help="reference images of the --dedup-against side (0: no such side)")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
     i2d = img2dataset_command(args.img2dataset)
@@ -285,6 +288,12 @@ def main(argv: list[str] | None = None) -> int:
             "ours": lambda r: measure(
                 lambda: with_cpu(lambda: ours_run(raw, os.path.join(tmp, f"ds-{r}"), args.workers), tree=True)),
         }
+        if args.dedup_references:
+            refs = os.path.join(tmp, "refs")
+            write_photos(refs, args.dedup_references)
+            sides["ours-dedup"] = lambda r: measure(lambda: with_cpu(
+                lambda: ours_run(raw, os.path.join(tmp, f"dd-{r}"), args.workers, dedup=(refs,)), tree=True))
+            index_cpu = with_cpu(lambda: len(build_index([refs])[0].names), tree=True)[1]  # the index's share
         if i2d is not None:
             sides["img2dataset"] = lambda r: measure(
                 lambda: img2dataset_run(i2d, raw, os.path.join(tmp, f"i2d-{r}"), args.img2dataset_processes))
@@ -312,9 +321,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"PSNR vs a full-resolution Lanczos resize, dB: {quality}")
     print(f"ratio (images/s per core, best run of each side), ours / baseline (PIL defaults, bicubic): {ratio:.2f}")
     print(f"ours / baseline-bilinear (the resize filter ours uses): {same_filter:.2f}")
+    if args.dedup_references:
+        per_input = min(r["cpu_s"] for r in runs["ours-dedup"]) - index_cpu
+        slower = per_input / min(r["cpu_s"] for r in runs["ours"]) - 1
+        print(f"--dedup-against {args.dedup_references} reference images: {slower:+.1%} CPU per input (target: "
+              f"under +15%), plus {index_cpu:.1f} CPU s once for the index "
+              f"({index_cpu / args.dedup_references * 1e3:.1f} ms a reference image)")
     result = {"name": "prep", "ours": best["ours"], "baseline": best["baseline"], "unit": "images/s/core",
               "ratio": round(ratio, 3), "ratio_same_filter": round(same_filter, 3), "psnr_db": quality,
               "workers": args.workers, "runs": runs}
+    if args.dedup_references:
+        result.update(dedup_references=args.dedup_references, dedup_cpu_per_input=round(slower, 4),
+                      dedup_index_cpu_s=round(index_cpu, 2))
     if i2d is not None:
         with_startup = best["ours"] / best["img2dataset"]
         result.update(ratio_img2dataset_with_startup=round(with_startup, 3),

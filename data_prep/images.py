@@ -35,10 +35,11 @@ MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b
 class Rejected(Exception):
     """An input that does not become a sample. `reason` is a short code for counting, `detail` says why."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, **fields: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.fields = fields  # more to record in rejected.jsonl (a near-duplicate's match)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
+from data_prep.dedup import Index, build_index
 from data_prep.images import ImagePolicy
 from data_prep.plan import SPLITS, Plan, PlanOptions, ShardSpec, plan_source
 from data_prep.shard import PROGRESS, completed_shards, write_shard
@@ -45,6 +46,7 @@ class PrepareOptions(PlanOptions):
     classes_file: str | None = None
     max_size: int = 256
     quality: int = 95
+    dedup_against: tuple[str, ...] = ()  # reference sets: prepared datasets or folders of images
 
     def check(self) -> None:
         if self.max_size < 1:
@@ -79,7 +81,8 @@ def prepare(
     plan = plan_source(parts, options, classes_file=options.classes_file, workers=workers)
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
-    _claim(dest, source, plan, options)
+    references = _references(options.dedup_against)
+    _claim(dest, source, plan, options, references)
     if plan_only:
         summary = _plan_summary(dest, plan, len(parts.parts), time.perf_counter() - started)
         print(format_plan(summary))
@@ -88,20 +91,28 @@ def prepare(
 
     tasks_started = time.perf_counter()
     with tempfile.TemporaryFile(prefix="mixer-rejected-") as spool:
-        stats, spooled = _run(plan, dest, options.policy(), workers, retries, progress, spool)
+        stats, spooled = _run(plan, dest, options.policy(), workers, retries, progress, spool,
+                              ray.put(references) if references else None)
         task_seconds = time.perf_counter() - tasks_started
         _remove_temporaries(dest)  # of shard writes killed during this run (a lost host), now redone elsewhere
-        reasons = _write_rejected(dest, plan, spool, spooled)
-    info = _dataset_info(dest, source, plan, stats, options, sum(reasons.values()))
+        reasons, matched = _write_rejected(dest, plan, spool, spooled)
+    dedup = _dedup_counts(references, matched)
+    info = _dataset_info(dest, source, plan, stats, options, sum(reasons.values()), dedup)
     if info.inputs != info.samples + info.rejected:
         raise PrepareError(f"internal error: {info.inputs} inputs but {info.samples} samples + {info.rejected} "
                            "rejected; dataset.json not written")
     dataset_json.save(info)
 
-    seconds = time.perf_counter() - started
+    summary = _summary(info, stats, reasons, dedup, plan.digest, time.perf_counter() - started, task_seconds)
+    print(format_summary(summary))
+    return summary
+
+
+def _summary(info: dataset_json.DatasetInfo, stats: dict[str, dict[str, Any]], reasons: Counter,
+             dedup: dict[str, dict[str, int]], plan_digest: str, seconds: float, task_seconds: float) -> dict[str, Any]:
     processed = sum(s["inputs"] for s in stats.values() if not s["skipped"])
     summary = {
-        "dest": dest,
+        "dest": info.url,
         "inputs": info.inputs,
         "samples": {name: split.samples for name, split in info.splits.items()},
         "shards": {name: len(split.shards) for name, split in info.splits.items()},
@@ -111,9 +122,10 @@ def prepare(
         "images_per_s": round(processed / task_seconds, 1),
         "shards_written": sum(not s["skipped"] for s in stats.values()),
         "shards_skipped": sum(s["skipped"] for s in stats.values()),
-        "plan_sha256": plan.digest,
+        "plan_sha256": plan_digest,
     }
-    print(format_summary(summary))
+    if dedup:
+        summary["near_duplicates"] = dedup
     return summary
 
 
@@ -124,9 +136,11 @@ def _splits_and_reasons(s: dict[str, Any]) -> tuple[str, str]:
 
 def format_summary(s: dict[str, Any]) -> str:
     splits, reasons = _splits_and_reasons(s)
+    dedup = "".join(f"\n  near-duplicates of {url} ({d['references']:,} reference images): {d['near_duplicates']:,}"
+                    for url, d in s.get("near_duplicates", {}).items())
     return (
         f"prepared {s['dest']}: {s['inputs']:,} inputs -> {splits}\n"
-        f"  rejected {sum(s['rejected'].values()):,} ({reasons}); see rejected.jsonl\n"
+        f"  rejected {sum(s['rejected'].values()):,} ({reasons}); see rejected.jsonl{dedup}\n"
         f"  {s['bytes'] / 1e6:,.1f} MB in {s['seconds']:.1f} s; shards at {s['images_per_s']:,.1f} images/s "
         f"({s['shards_written']} written, {s['shards_skipped']} already complete)"
     )
@@ -155,10 +169,35 @@ def _plan_summary(dest: str, plan: Plan, partitions: int, seconds: float) -> dic
     }
 
 
-def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions) -> None:
+def _references(urls: tuple[str, ...]) -> Index | None:
+    """The de-duplication index of the reference sets, built by Ray tasks; None without reference sets."""
+    if not urls:
+        return None
+    started = time.perf_counter()
+    index, unreadable = build_index(list(urls))
+    print(f"note: de-duplication index: {len(index.names):,} reference images from {len(urls)} set(s), "
+          f"{len(index.owner):,} crops, in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if unreadable:
+        listed = "; ".join(unreadable[:3]) + (f" (and {len(unreadable) - 3} more)" if len(unreadable) > 3 else "")
+        print(f"note: {len(unreadable)} reference images could not be read and are not checked against: {listed}",
+              file=sys.stderr)
+    return index
+
+
+def _dedup_counts(references: Index | None, matched: Counter) -> dict[str, dict[str, int]]:
+    if references is None:
+        return {}
+    sizes = Counter(references.set_of.tolist())
+    return {url: {"references": sizes[i], "near_duplicates": matched[url]} for i, url in enumerate(references.sets)}
+
+
+def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions, references: Index | None = None) -> None:
     """Record what this run makes, or check it against what an earlier run into `dest` was making."""
     record = {"source": source, **asdict(options), "layout": plan.layout,
               "inputs": plan.inputs, "shards": len(plan.shards), "plan_sha256": plan.digest}
+    if references is not None:
+        record["dedup_sha256"] = references.digest()
+    record = json.loads(json.dumps(record))  # as it reads back: tuples are lists
     url = storage.join(dest, PROGRESS, "plan.json")
     try:
         previous = storage.read_json(url)
@@ -202,7 +241,7 @@ def _spool(spool, rejected: list[dict[str, str]]) -> tuple[int, int]:
 
 
 def _run(
-    plan: Plan, dest: str, policy: ImagePolicy, workers: int, retries: int, progress: bool, spool,
+    plan: Plan, dest: str, policy: ImagePolicy, workers: int, retries: int, progress: bool, spool, references: Any,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[int, int]]]:
     """Every shard not already complete through a Ray task, at most `workers` at a time; a failed shard (exception,
     lost worker or host) is retried after an exponential backoff, up to `retries` times. Each event costs the same
@@ -230,7 +269,7 @@ def _run(
         while ready and len(running) < workers:
             attempt, shard = ready.popleft()
             pieces = plan.pieces(shard)
-            ref, rejected = task.remote(shard, pieces, dest, policy, classes, plan.multi_label,
+            ref, rejected = task.remote(shard, pieces, dest, policy, classes, plan.multi_label, references,
                                         *[plan.tables[p.bucket] for p in pieces])
             running[ref] = (attempt, shard, rejected)
         if not running:
@@ -271,10 +310,12 @@ def _raise_failed(failed: dict[str, str], shards: int, retries: int) -> None:
     )
 
 
-def _write_rejected(dest: str, plan: Plan, spool, spooled: dict[str, tuple[int, int]]) -> Counter:
+def _write_rejected(dest: str, plan: Plan, spool, spooled: dict[str, tuple[int, int]]) -> tuple[Counter, Counter]:
     """`DEST/rejected.jsonl`: the inputs refused while planning (in plan order), then those refused while making
-    the shards (shard after shard), streamed through a local file and published at once; counts by reason."""
+    the shards (shard after shard), streamed through a local file and published at once; counts by reason, and
+    near-duplicates by reference set."""
     reasons: Counter = Counter()
+    matched: Counter = Counter()
     with tempfile.NamedTemporaryFile(prefix="mixer-rejected-", suffix=".jsonl") as out:
         for record in plan.rejected():
             out.write((json.dumps(record, sort_keys=True) + "\n").encode())
@@ -284,10 +325,13 @@ def _write_rejected(dest: str, plan: Plan, spool, spooled: dict[str, tuple[int, 
             spool.seek(offset)
             data = spool.read(length)
             out.write(data)
-            reasons.update(json.loads(line)["reason"] for line in data.splitlines())
+            for record in map(json.loads, data.splitlines()):
+                reasons[record["reason"]] += 1
+                if "reference_set" in record:
+                    matched[record["reference_set"]] += 1
         out.flush()
         storage.put_file_atomic(out.name, storage.join(dest, "rejected.jsonl"))
-    return reasons
+    return reasons, matched
 
 
 def _short_error(e: Exception) -> str:
@@ -300,6 +344,7 @@ def _short_error(e: Exception) -> str:
 
 def _dataset_info(
     dest: str, source: str, plan: Plan, stats: dict[str, dict[str, Any]], options: PrepareOptions, rejected: int,
+    dedup: dict[str, dict[str, int]],
 ) -> dataset_json.DatasetInfo:
     splits = {}
     for split in SPLITS:
@@ -313,6 +358,8 @@ def _dataset_info(
     source_info: dict[str, Any] = {"url": source, "layout": plan.layout}
     if options.classes_file:
         source_info["classes_file"] = options.classes_file
+    if dedup:
+        source_info["dedup_against"] = dedup
     return dataset_json.DatasetInfo(
         url=dest,
         classes=plan.classes,

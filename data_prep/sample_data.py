@@ -97,6 +97,37 @@ def encode(pixels: np.ndarray, kind: str) -> tuple[bytes, str]:
     return buf.getvalue(), "png" if kind in ("png", "palette-alpha", "rgba-png") else "jpg"
 
 
+def photo(rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """A photograph-like picture for de-duplication trials, unlike any other: smooth colour noise at four scales
+    (uint8, size x size x 3)."""
+    image = np.zeros((size, size, 3))
+    for cells in (4, 8, 16, 32):
+        coarse = (rng.normal(size=(cells, cells, 3)) / cells**0.5).astype(np.float32)
+        image += np.stack([np.asarray(Image.fromarray(coarse[:, :, c]).resize((size, size), Image.Resampling.BICUBIC))
+                           for c in range(3)], axis=-1)
+    image -= image.min()
+    return (image * (255 / image.max())).astype(np.uint8)
+
+
+def near_copy(pixels: np.ndarray, rng: np.random.Generator) -> tuple[bytes, str]:
+    """A copy of a picture as it turns up again elsewhere: up to 10% cut off each side, resized 0.5-2x, brightness,
+    colour and contrast changed by up to 10%, saved as JPEG of quality 30-95, PNG or WebP. (bytes, extension)"""
+    from PIL import ImageEnhance
+
+    im = Image.fromarray(pixels, "RGB")
+    w, h = im.size
+    left, top, right, bottom = rng.uniform(0, 0.10, 4) * [w, h, w, h]
+    im = im.crop((round(left), round(top), w - round(right), h - round(bottom)))
+    scale = rng.uniform(0.5, 2.0)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Color, ImageEnhance.Contrast):
+        im = enhance(im).enhance(rng.uniform(0.9, 1.1))
+    buf = io.BytesIO()
+    kind = ("JPEG", "PNG", "WEBP")[int(rng.integers(3))]
+    im.save(buf, kind, **({} if kind == "PNG" else {"quality": int(rng.integers(30, 96))}))
+    return buf.getvalue(), {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[kind]
+
+
 def bad_file(kind: str, rng: np.random.Generator) -> tuple[bytes, str]:
     """(bytes, extension) of a file that must be rejected, for each of BAD_KINDS but "missing"."""
     good, _ = encode(class_pattern([0], 1, 64, 48, rng), "jpeg")

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from data_prep.dedup import Index, nearest
 from data_prep.images import Encoded, ImagePolicy, Rejected, process
 from data_prep.plan import Piece, ShardPlan, ShardSpec, shard_from_pieces
 from data_prep.sources import Item, is_local_path, read_item
@@ -68,17 +69,19 @@ def completed_shards(dest: str, names: list[str]) -> dict[str, dict[str, Any]]:
 
 def write_shard(
     spec: ShardSpec, pieces: list[Piece], dest: str, policy: ImagePolicy, classes: list[str], multi_label: bool,
-    *tables: pa.Table,
+    references: Index | None, *tables: pa.Table,
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
     """The shard task: gather the shard's samples from the plan's bucket tables, make it; (stats, rejected)."""
-    stats = make_shard(shard_from_pieces(spec, pieces, *tables), dest, policy, classes, multi_label)
+    stats = make_shard(shard_from_pieces(spec, pieces, *tables), dest, policy, classes, multi_label, references)
     return stats, stats.pop("rejected")
 
 
 def make_shard(
-    shard: ShardPlan, dest: str, policy: ImagePolicy, classes: list[str], multi_label: bool
+    shard: ShardPlan, dest: str, policy: ImagePolicy, classes: list[str], multi_label: bool,
+    references: Index | None = None,
 ) -> dict[str, Any]:
-    """Make one shard and return its stats."""
+    """Make one shard and return its stats; with `references`, inputs that are near-duplicates of a reference
+    image are left out (reason `near-duplicate`, naming the image)."""
     started = time.perf_counter()
     rejected: list[dict[str, str]] = []
     samples = kept = input_bytes = 0
@@ -91,8 +94,10 @@ def make_shard(
                     if isinstance(data, Rejected):
                         raise data
                     encoded = process(data, policy)
+                    if references is not None:
+                        _check_unique(references, encoded)
                 except Rejected as r:
-                    rejected.append({"source": item.source, "reason": r.reason, "detail": r.detail})
+                    rejected.append({"source": item.source, "reason": r.reason, "detail": r.detail, **r.fields})
                     continue
                 _add_sample(tar, key, item, encoded, len(data), classes, multi_label)
                 samples += 1
@@ -110,6 +115,13 @@ def make_shard(
                  seconds=round(time.perf_counter() - started, 3), host=socket.gethostname())
     storage.write_json_atomic(stats_url(dest, shard.name), stats)
     return stats
+
+
+def _check_unique(references: Index, encoded: Encoded) -> None:
+    match = nearest(references, encoded.data)
+    if match is not None:
+        raise Rejected("near-duplicate", f"a near-duplicate of {match.name} (Hamming distance {match.distance} of "
+                       "255 bits)", match=match.name, reference_set=match.set)
 
 
 def _read_ahead(items: list[Item]) -> Iterator[bytes | Rejected]:

@@ -14,6 +14,8 @@ examples:
   mixer prepare s3://bucket/in22k-wds/ s3://bucket/in22k-256 --layout wds   re-shard WebDataset tars (.cls labels)
   mixer prepare hf-parquet/ out/ds                                 Parquet parts with an image {bytes, path} column
   mixer prepare raw/ out/ds --classes-file head_classes.txt         fix class indices to an existing head
+  mixer prepare s3://bucket/i21k/ s3://bucket/i21k-256 --dedup-against s3://bucket/imagenet-val s3://bucket/pets
+                                                  leave out near-copies of downstream test images (rejected.jsonl)
 
 Re-running the same command finishes an interrupted run: complete shards are kept (checked by their recorded size
 and object version, without reading them), the rest redone. `mixer verify` re-hashes every shard.
@@ -61,6 +63,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--classes-file", help="class names, one per line, in head order (default: sorted names)")
     p.add_argument("--retries", type=int, default=4, help="retries per shard, with exponential backoff (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dedup-against", nargs="+", default=[], metavar="URL",
+                   help="leave out inputs that are near-duplicates of any image of these reference sets (prepared "
+                   "datasets or folders of images, e.g. the downstream test sets); listed in rejected.jsonl as "
+                   "near-duplicate, with the image matched")
     p.add_argument("--plan-only", action="store_true",
                    help="list and plan, print the summary (inputs, classes, splits, shards, refusals, plan digest), "
                    "write nothing but DEST/_progress/plan.json")
@@ -101,6 +107,7 @@ def run_prepare(args: argparse.Namespace) -> int:
     options = PrepareOptions(
         layout=args.layout, classes_file=args.classes_file, max_size=args.max_size, quality=args.quality,
         shard_size=args.shard_size, val_per_class=args.val_per_class, val_fraction=args.val_fraction, seed=args.seed,
+        dedup_against=tuple(args.dedup_against),
     )
     prepare(args.source, args.dest, options, workers=args.workers, ray_address=args.ray_address,
             retries=args.retries, progress=not args.no_progress, plan_only=args.plan_only)

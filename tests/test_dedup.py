@@ -1,0 +1,117 @@
+"""`mixer prepare --dedup-against`: a source holding near-copies of reference images (cropped, resized, re-encoded,
+recoloured) among many other pictures, prepared on the test cluster: the copies are left out and named, the others
+kept, the same bytes on a re-run, the same shards whether the reference set is a folder or a prepared dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import dedup
+from data_prep.sample_data import encode, near_copy, photo
+from pipeline import cli
+
+REFERENCES, COPIES, OTHERS = 200, 100, 1000
+
+
+@pytest.fixture(scope="module")
+def collection(ray_cluster, tmp_path_factory) -> dict[str, Path]:
+    """references/photos/ref-III.jpg (200 pictures); source/<a|b>/: copy-III.* (near-copies of references 0-99) among
+    other-JJJJ.jpg (1,000 other pictures); and the source prepared against the references."""
+    root = tmp_path_factory.mktemp("dedup")
+    rng = np.random.default_rng(7)
+    refs = [photo(rng) for _ in range(REFERENCES)]
+    for i, pixels in enumerate(refs):
+        _write(root / "references" / "photos" / f"ref-{i:03d}.jpg", encode(pixels, "jpeg")[0])
+    for i in range(COPIES):
+        data, ext = near_copy(refs[i], rng)
+        _write(root / "source" / "ab"[i % 2] / f"copy-{i:03d}.{ext}", data)
+    for j in range(OTHERS):
+        _write(root / "source" / "ab"[j % 2] / f"other-{j:04d}.jpg", encode(photo(rng), "jpeg")[0])
+    args = ["--shard-size", "100", "--val-per-class", "20", "--no-progress"]
+    assert cli.main(["prepare", str(root / "source"), str(root / "ds"), *args, "--dedup-against",
+                     str(root / "references")]) == 0
+    return {"root": root, "args": args}
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.parent.name != "_progress"}
+
+
+def _near_duplicates(ds: Path) -> dict[str, dict]:
+    lines = [json.loads(line) for line in (ds / "rejected.jsonl").read_text().splitlines()]
+    return {Path(r["source"]).stem: r for r in lines if r["reason"] == "near-duplicate"}
+
+
+def test_planted_copies_are_left_out_naming_their_reference_and_other_pictures_kept(collection, record_property):
+    root = collection["root"]
+    found = _near_duplicates(root / "ds")
+    copies = {k: r for k, r in found.items() if k.startswith("copy-")}
+    false = sorted(k for k in found if k.startswith("other-"))
+    recall, flagged = len(copies) / COPIES, len(false) / OTHERS
+    record_property("summary", f"de-duplication: {len(copies)}/{COPIES} planted copies found (recall {recall:.1%}), "
+                               f"{len(false)}/{OTHERS} other pictures flagged ({flagged:.2%})")
+    assert recall >= 0.95, sorted(set(f"copy-{i:03d}" for i in range(COPIES)) - set(copies))
+    assert flagged <= 0.005, false
+    for key, record in copies.items():  # each copy matched to the picture it was made from
+        assert record["match"] == f"{root / 'references'}/photos/ref-{key[5:]}.jpg", record
+        assert record["reference_set"] == str(root / "references")
+        assert "a near-duplicate of" in record["detail"] and "Hamming distance" in record["detail"]
+    info = json.loads((root / "ds" / "dataset.json").read_text())
+    assert info["source"]["dedup_against"] == {str(root / "references"): {"references": REFERENCES,
+                                                                         "near_duplicates": len(found)}}
+    assert info["inputs"] == COPIES + OTHERS and info["rejected"] == len(found)
+
+
+def test_a_rerun_gives_the_same_bytes_and_a_prepared_reference_set_the_same_shards(collection):
+    root, args = collection["root"], collection["args"]
+    assert cli.main(["prepare", str(root / "source"), str(root / "again"), *args, "--dedup-against",
+                     str(root / "references")]) == 0
+    assert _files(root / "again") == _files(root / "ds")
+
+    assert cli.main(["prepare", str(root / "references"), str(root / "refs-ds"), "--shard-size", "50",
+                     "--no-progress"]) == 0
+    assert cli.main(["prepare", str(root / "source"), str(root / "against-ds"), *args, "--dedup-against",
+                     str(root / "refs-ds")]) == 0
+    shards = {k: v for k, v in _files(root / "against-ds").items() if k.endswith(".tar")}
+    assert shards == {k: v for k, v in _files(root / "ds").items() if k.endswith(".tar")}
+    matches = {k: r["match"] for k, r in _near_duplicates(root / "against-ds").items()}
+    assert matches.keys() == _near_duplicates(root / "ds").keys()
+    assert all(m.startswith(f"{root / 'refs-ds'}/") for m in matches.values())
+
+
+def test_a_changed_reference_set_is_refused_on_a_rerun(collection, tmp_path, capsys):
+    root, args = collection["root"], collection["args"]
+    _write(tmp_path / "one.jpg", encode(photo(np.random.default_rng(0)), "jpeg")[0])
+    capsys.readouterr()
+    assert cli.main(["prepare", str(root / "source"), str(root / "ds"), *args, "--dedup-against",
+                     str(tmp_path)]) == 2
+    assert f"holds a run made with other options (--dedup-against was ['{root / 'references'}']" in (
+        capsys.readouterr().err)
+
+
+def test_a_reference_set_without_images_is_refused_naming_it(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(dedup.DedupError, match=rf"--dedup-against {tmp_path}: neither a prepared dataset"):
+        dedup._units(str(tmp_path))
+
+
+def test_fingerprints_ignore_re_encoding_and_brightness_but_not_another_picture():
+    rng = np.random.default_rng(3)
+    a, b = photo(rng), photo(rng)
+    base = dedup.fingerprint(encode(a, "jpeg")[0])
+    brighter = np.clip(a.astype(int) + 12, 0, 255).astype(np.uint8)
+    for variant in (encode(a, "png")[0], encode(brighter, "webp")[0]):
+        coarse, fine = dedup.fingerprint(variant)
+        assert int(np.bitwise_count(base[0] ^ coarse)) <= 4 and int(np.bitwise_count(base[1] ^ fine).sum()) <= 24
+    other = dedup.fingerprint(encode(b, "jpeg")[0])
+    assert int(np.bitwise_count(base[1] ^ other[1]).sum()) > dedup.FINE_MAX
