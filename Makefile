@@ -6,10 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: quickstart test lint bench clean
 
+# Modules are compiled after the install on every core (pip compiles one file at a time), and before any test: the
+# suite starts many fresh processes at once, which would otherwise all compile torch and Ray on first import. A file
+# that does not compile (a package's Python 2 leftovers) is left to Python, as pip leaves it.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements.lock -e '.[test]'
+	$(BIN)/python -m pip install -q --no-compile -c requirements.lock -e '.[test]'
+	$(BIN)/python -m compileall -q -j 0 $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))') \
+		> /dev/null || true
 	touch $(STAMP)
 
 quickstart: $(STAMP)
