@@ -79,12 +79,12 @@ def photo(seed: int) -> bytes:
     return out.getvalue()
 
 
-def write_photos(root: str, n: int) -> int:
+def write_photos(root: str, n: int, first: int = 0) -> int:
     for c in range(CLASSES):
         os.makedirs(os.path.join(root, f"class{c:02d}"), exist_ok=True)
     with Pool(os.cpu_count()) as pool:
         total = 0
-        for i, data in enumerate(pool.imap(photo, range(n), chunksize=16)):
+        for i, data in enumerate(pool.imap(photo, range(first, first + n), chunksize=16)):
             with open(os.path.join(root, f"class{i % CLASSES:02d}", f"img{i:06d}.jpg"), "wb") as f:
                 f.write(data)
             total += len(data)
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.dedup_references:
             refs = os.path.join(tmp, "refs")
-            write_photos(refs, args.dedup_references)
+            write_photos(refs, args.dedup_references, first=10**6)  # none of them among the inputs
             sides["ours-dedup"] = lambda r: measure(lambda: with_cpu(
                 lambda: ours_run(raw, os.path.join(tmp, f"dd-{r}"), args.workers, dedup=(refs,)), tree=True))
             index_cpu = with_cpu(lambda: len(build_index([refs])[0].names), tree=True)[1]  # the index's share
