@@ -24,7 +24,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # `make test` hands whole test files to its two processes in collection order: the longest go first, so that none
 # of them starts last and runs on alone while the other process has nothing left to do.
-LONGEST_FIRST = ("test_hosts.py", "test_resume.py", "test_submit.py", "test_train.py")
+LONGEST_FIRST = ("test_hosts.py", "test_resume.py", "test_submit.py", "test_train.py", "test_dedup.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
