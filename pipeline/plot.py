@@ -17,6 +17,19 @@ def _series(records: list[dict[str, Any]], kind: str, key: str) -> tuple[list[in
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def evaluation_curves(records: list[dict[str, Any]]) -> dict[str, tuple[list[int], list[float]]]:
+    """The evaluation panel's curves by label: top-1 and top-5 on the eval split, then each few-shot accuracy."""
+    multi_label = any("prec1" in r for r in records)  # multi-label runs log "prec1" too: the same number as top-1
+    curves = {}
+    for key, label in (("top1", "top-1 (precision@1)" if multi_label else "top-1"), ("top5", "top-5")):
+        curves[label] = _series(records, "eval", key)
+    fewshot = sorted({k for r in records if r.get("kind") == "fewshot" for k in r
+                      if k.startswith("fewshot/") and k.endswith("shot")})
+    for key in fewshot:
+        curves[key] = _series(records, "fewshot", key)
+    return {label: curve for label, curve in curves.items() if curve[0]}
+
+
 def render(records: list[dict[str, Any]], title: str = "") -> bytes:
     """A 2x2 figure as PNG bytes: loss (train and eval), learning rate, images/s, and the evaluations: top-1/top-5
     and the few-shot accuracies (dashed)."""
@@ -41,17 +54,8 @@ def render(records: list[dict[str, Any]], title: str = "") -> bytes:
     speed_ax.plot(*_series(records, "train", "images_per_s"))
     speed_ax.set(title="throughput (images/s, all workers)", xlabel="step")
 
-    # Multi-label runs log "prec1" too; it is the same number as their top-1.
-    multi_label = any("prec1" in r for r in records)
-    for key, label in (("top1", "top-1 (precision@1)" if multi_label else "top-1"), ("top5", "top-5")):
-        steps, values = _series(records, "eval", key)
-        if steps:
-            acc_ax.plot(steps, values, "o-", label=label)
-    fewshot = sorted({k for r in records if r.get("kind") == "fewshot" for k in r
-                      if k.startswith("fewshot/") and k.endswith("shot")})
-    for key in fewshot:
-        steps, values = _series(records, "fewshot", key)
-        acc_ax.plot(steps, values, "s--", label=key)
+    for label, (steps, values) in evaluation_curves(records).items():
+        acc_ax.plot(steps, values, "s--" if label.startswith("fewshot/") else "o-", label=label)
     acc_ax.set(title="evaluation", xlabel="step", ylim=(0, 1))
     if acc_ax.lines:
         acc_ax.legend()

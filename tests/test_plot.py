@@ -10,7 +10,7 @@ import pytest
 from pipeline import storage
 from pipeline.cli import main
 from pipeline.metrics import MetricsError
-from pipeline.plot import plot_run
+from pipeline.plot import evaluation_curves, plot_run, render
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -66,3 +66,14 @@ def test_malformed_line_names_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(synthetic_metrics(10) + "{not json\n")
     with pytest.raises(MetricsError, match=r"metrics.jsonl, line 3: not a JSON object"):
         plot_run(str(tmp_path))
+
+
+def test_the_evaluation_panel_draws_each_fewshot_accuracy_next_to_top1():
+    records = [json.loads(line) for line in synthetic_metrics().splitlines()]
+    records += [{"kind": "fewshot", "step": step, "fewshot/digits/1shot": step / 200,
+                 "fewshot/digits/10shot": step / 100, "fewshot/digits/10shot/l2": 1024.0, "fewshot/seconds": 2.5}
+                for step in (20, 40, 60)]
+    curves = evaluation_curves(records)
+    assert list(curves) == ["top-1", "top-5", "fewshot/digits/10shot", "fewshot/digits/1shot"]
+    assert curves["fewshot/digits/10shot"] == ([20, 40, 60], [0.2, 0.4, 0.6])
+    assert png_size(render(records)) == (1200, 800)
