@@ -44,6 +44,7 @@ BENCHES = [
 TARGETS: dict[str, tuple[float, bool]] = {
     "prep": (2.0, True),  # images/s per core vs a single-process PIL + TarWriter loop
     "loader": (1.5, True),  # images/s per core vs torchvision ImageFolder + DataLoader
+    "loader + randaug 2/20, mixup 0.5": (2.0, True),  # the same with the i21k specs' augmentation on both sides
     "checkpoint stall": (1.0, False),  # save stall as a fraction of one step
     "checkpoint upload": (0.8, True),  # upload MB/s vs a raw s3fs put
     "model tiny eager": (1.0, True),  # training images/s vs timm's MlpMixer

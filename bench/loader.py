@@ -2,8 +2,11 @@
 
 Both sides read the same generated JPEGs (short side 256) from a temporary folder, as a folder tree for ImageFolder
 and as tar shards + dataset.json for ours, and produce float batches in [-1, 1] of inception crops (224) with random
-horizontal flips, with the same number of loader processes. Throughput is divided by the cores busy: the CPU seconds
-of the main process and its loader processes together, over the wall time.
+horizontal flips, with the same number of loader processes. The "+ randaug" rows add the ImageNet-21k specs'
+augmentation on both sides: RandAugment with 2 layers at magnitude 20 (torchvision's `transforms.RandAugment(2, 20)`
+on the baseline's PIL images) and mixup 0.5 (torchvision's `v2.MixUp(alpha=0.5)` on each baseline batch).
+Throughput is divided by the cores busy: the CPU seconds of the main process and its loader processes together,
+over the wall time.
 
     python bench/loader.py --images 1500 --json out/bench-loader.json
 """
@@ -11,6 +14,7 @@ of the main process and its loader processes together, over the wall time.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -32,6 +36,7 @@ from pipeline.dataset_json import DatasetInfo, Shard, Split, save  # noqa: E402
 
 CLASSES = 10
 SHARD_SAMPLES = 100
+SIDES = ("baseline", "ours", "baseline + randaug", "ours + randaug")
 
 
 def _photo(rng: np.random.Generator) -> Image.Image:
@@ -95,26 +100,30 @@ def measure(batches: Callable[[], Iterable[torch.Tensor]]) -> dict[str, float]:
             "images_per_s_per_core": images / cpu}
 
 
-def ours(info: DatasetInfo, workers: int, batch: int) -> Iterable[torch.Tensor]:
+def ours(info: DatasetInfo, workers: int, batch: int, randaug: bool) -> Iterable[torch.Tensor]:
     cfg = data.StreamConfig(split="train", seed=0, global_batch=batch, streams=8, image_size=224,
-                            loader_workers=workers)
+                            loader_workers=workers, randaug_layers=2 if randaug else 0,
+                            randaug_magnitude=20 if randaug else 0, mixup=0.5 if randaug else 0.0)
     stream = data.TrainStream(info, cfg, 0, 1)
     for _ in range(stream.batches_per_epoch):
         yield next(stream).images
     stream.close()
 
 
-def baseline(root: str, workers: int, batch: int) -> Iterable[torch.Tensor]:
+def baseline(root: str, workers: int, batch: int, randaug: bool) -> Iterable[torch.Tensor]:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
+    from torchvision.transforms import v2
 
+    augment = [transforms.RandAugment(2, 20)] if randaug else []
     transform = transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), *augment, transforms.ToTensor(),
         transforms.Normalize([0.5] * 3, [0.5] * 3),
     ])
+    mixup = v2.MixUp(alpha=0.5, num_classes=CLASSES) if randaug else None
     folder = datasets.ImageFolder(os.path.join(root, "folder"), transform=transform)
-    for images, _ in DataLoader(folder, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True):
-        yield images
+    for images, labels in DataLoader(folder, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True):
+        yield images if mixup is None else mixup(images, labels)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,21 +142,26 @@ def main(argv: list[str] | None = None) -> int:
         info = write_images(root, args.images)
         print(f"wrote {args.images} JPEGs (folder tree and {len(info.split('train').shards)} shards) "
               f"in {time.perf_counter() - t:.1f}s")
-        runs: dict[str, list[dict[str, float]]] = {"ours": [], "baseline": []}
+        runs: dict[str, list[dict[str, float]]] = {side: [] for side in SIDES}
         for _ in range(args.repeats):
-            runs["baseline"].append(measure(lambda: baseline(root, args.workers, args.batch)))
-            runs["ours"].append(measure(lambda: ours(info, args.workers, args.batch)))
+            for side in SIDES:
+                produce = baseline if side.startswith("baseline") else ours
+                randaug = side.endswith("randaug")
+                target = root if produce is baseline else info
+                runs[side].append(measure(functools.partial(produce, target, args.workers, args.batch, randaug)))
     best = {side: max(r, key=lambda m: m["images_per_s_per_core"]) for side, r in runs.items()}
-    print(f"{'':10} {'images':>7} {'wall s':>7} {'cpu s':>7} {'cores':>6} {'img/s':>8} {'img/s/core':>11}")
+    print(f"{'':18} {'images':>7} {'wall s':>7} {'cpu s':>7} {'cores':>6} {'img/s':>8} {'img/s/core':>11}")
     for side, m in best.items():
-        print(f"{side:10} {m['images']:7d} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['cores']:6.2f} "
+        print(f"{side:18} {m['images']:7d} {m['wall_s']:7.2f} {m['cpu_s']:7.2f} {m['cores']:6.2f} "
               f"{m['images_per_s']:8.1f} {m['images_per_s_per_core']:11.1f}")
-    ratio = best["ours"]["images_per_s_per_core"] / best["baseline"]["images_per_s_per_core"]
-    print(f"ratio (per core): {ratio:.2f}x with {args.workers} loader processes on each side")
+    rows = []
+    for name, suffix in (("loader", ""), ("loader + randaug 2/20, mixup 0.5", " + randaug")):
+        ours_rate, base_rate = (best[f"{side}{suffix}"]["images_per_s_per_core"] for side in ("ours", "baseline"))
+        rows.append({"name": name, "ours": ours_rate, "baseline": base_rate, "unit": "images/s/core",
+                     "ratio": ours_rate / base_rate})
+        print(f"{name}: ratio (per core) {ours_rate / base_rate:.2f}x with {args.workers} loader processes a side")
     if args.json:
-        result = {"name": "loader", "ours": best["ours"]["images_per_s_per_core"],
-                  "baseline": best["baseline"]["images_per_s_per_core"], "unit": "images/s/core", "ratio": ratio,
-                  "workers": args.workers, "images": args.images, "runs": runs}
+        result = {"name": "loader", "summary": rows, "workers": args.workers, "images": args.images, "runs": runs}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -18,9 +18,10 @@ world size and the number of loader processes only decide who computes which par
   hands them out round robin) in process order. C must be divisible by n * max(m, 1), and G by C.
 
 Pixels. Sample i of stream c in epoch e is augmented from its own seed, derived from (seed, e, c, i): inception crop
-(RandomResizedCrop's sampling rule), horizontal flip, then RandAugment (torchvision v2, run on a forked torch RNG
-seeded per sample), then (x - 127.5) / 127.5. JPEGs are decoded with libjpeg-turbo (simplejpeg) at the smallest DCT
-scale that still leaves the crop at least `image_size` pixels, so large sources decode at a fraction of the cost.
+(RandomResizedCrop's sampling rule), horizontal flip, then RandAugment (pipeline/augment.py: torchvision v2's
+operations and scales in OpenCV's kernels, drawn from a Random seeded per sample), then (x - 127.5) / 127.5. JPEGs are
+decoded with libjpeg-turbo (simplejpeg) at the smallest DCT scale that still leaves the crop at least `image_size`
+pixels, so large sources decode at a fraction of the cost.
 Mixup (when > 0) mixes each stream's chunk of a batch with itself reversed, with lam ~ Beta(a, a) from
 rng(seed, e, b, c); targets (one-hot or multi-hot) are mixed alike. The bits do not depend on where a sample is
 computed (main or loader process, any number of torch threads).
@@ -46,6 +47,7 @@ crop, no augmentation, every sample once; a bad sample is left out with a warnin
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import itertools
@@ -68,10 +70,10 @@ import simplejpeg
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from pipeline import storage
+from pipeline.augment import augment_planes
 from pipeline.config import SpecError, check_stream_layout
 from pipeline.dataset_json import DatasetError, DatasetInfo, Shard, Split
 from pipeline.dataset_json import load as load_dataset
@@ -79,6 +81,11 @@ from pipeline.shard_format import decode_sample, split_member
 
 WINDOW = 4  # consecutive pieces of a stream shuffled together
 ORDER_VERSION = 1  # bump when the order scheme changes: old stream states then refuse to load
+# Bump when the augmentation's bits change; a run with RandAugment or mixup saved under another version refuses to
+# resume.
+# 2: RandAugment in OpenCV's kernels (pipeline/augment.py) instead of torchvision's v2.RandAugment; mixup fused
+# into the float conversion (other rounding).
+AUGMENT_VERSION = 2
 # Above this an image is refused unread: a few KB of PNG or JPEG can claim enough pixels to exhaust memory.
 MAX_IMAGE_PIXELS = 8192 * 8192
 _IMAGE_FORMATS = ["JPEG", "PNG"]  # what `mixer prepare` writes; PIL tries no other decoder on a shard's bytes
@@ -466,7 +473,7 @@ def _crop_box(h: int, w: int, scale: tuple[float, float], rnd: random.Random) ->
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def _train_image(sample: _Sample, cfg: StreamConfig, seed: int, randaug: v2.RandAugment | None) -> torch.Tensor:
+def _train_image(sample: _Sample, cfg: StreamConfig, seed: int) -> torch.Tensor:
     rnd = random.Random(seed)
     size = cfg.image_size
     h, w = _image_size(sample)
@@ -479,12 +486,11 @@ def _train_image(sample: _Sample, cfg: StreamConfig, seed: int, randaug: v2.Rand
         top, left = min(round(top * dh / h), dh - 1), min(round(left * dw / w), dw - 1)
         ch, cw = max(1, min(dh - top, round(ch * dh / h))), max(1, min(dw - left, round(cw * dw / w)))
     image = F.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
+    if cfg.randaug_layers > 0:
+        return torch.from_numpy(augment_planes(image.contiguous().numpy(), cfg.flip and flip, cfg.randaug_layers,
+                                               cfg.randaug_magnitude, random.Random(aug_seed)))
     if cfg.flip and flip:
         image = image.flip(-1)
-    if randaug is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(aug_seed)
-            image = randaug(image)
     return image.contiguous()
 
 
@@ -534,6 +540,21 @@ def eval_views(info: DatasetInfo, shard: Shard, wanted: set[int], image_size: in
         yield index, view, sample.labels
 
 
+def _mixed_float(chunks: Sequence[torch.Tensor], lams: list[float], per_stream: int) -> torch.Tensor:
+    """Mixup fused into the float conversion: each stream's run of `per_stream` uint8 images x mixed with itself
+    reversed, lam * x + (1 - lam) * x[::-1], then scaled to [-1, 1], in three passes over the batch."""
+    x = np.concatenate([c.numpy() for c in chunks]) if len(chunks) > 1 else chunks[0].numpy()
+    out = np.empty(x.shape, dtype=np.float32)
+    for j, lam in enumerate(lams):
+        rows = slice(j * per_stream, (j + 1) * per_stream)
+        part = x[rows]
+        np.multiply(part, np.float32(lam / 127.5), out=out[rows], dtype=np.float32)
+        out[rows] += part[::-1] * np.float32((1 - lam) / 127.5)
+    out -= 1.0
+    np.clip(out, -1.0, 1.0, out=out)
+    return torch.from_numpy(out)
+
+
 def _targets(labels: Sequence[tuple[int, ...]], num_classes: int) -> torch.Tensor:
     targets = torch.zeros(len(labels), num_classes)
     rows = [i for i, ls in enumerate(labels) for _ in ls]
@@ -561,18 +582,18 @@ class _StreamCursor:
         self._source = _stream_samples(info, split, self.windows, start)
         self._ahead: deque[_Sample] = deque()  # read past `position` while looking for a replacement
 
-    def take(self, randaug: v2.RandAugment | None) -> tuple[torch.Tensor, _Sample, SkippedSample | None]:
+    def take(self) -> tuple[torch.Tensor, _Sample, SkippedSample | None]:
         """The next position's image, the sample it shows, and the bad sample that was there (None if good)."""
         i, sample = self.position, self._ahead.popleft() if self._ahead else next(self._source)
         self.position += 1
         seed = _seed(_SAMPLE, self.cfg.seed, self.epoch, self.stream, i)
         try:
-            return _train_image(sample, self.cfg, seed, randaug), sample, None
+            return _train_image(sample, self.cfg, seed), sample, None
         except BadSampleError as e:
             skipped = SkippedSample(sample.key, sample.shard_url, e.reason, self.epoch, self.stream, i)
         for candidate in self._replacements(i):
             try:
-                return _train_image(candidate, self.cfg, seed, randaug), candidate, skipped
+                return _train_image(candidate, self.cfg, seed), candidate, skipped
             except BadSampleError:
                 continue
         raise DatasetError(f"{self.info.url}: no sample of stream {self.stream} in epoch {self.epoch} can be used "
@@ -596,16 +617,13 @@ def _produce_train(info: DatasetInfo, cfg: StreamConfig, streams: range, epoch: 
     """Chunks of `streams` (a contiguous block) for every batch from (epoch, batch) on, forever."""
     per_stream = cfg.global_batch // cfg.streams
     batches = batches_per_epoch(info.split(cfg.split).samples, cfg.streams, cfg.global_batch)
-    randaug = None
-    if cfg.randaug_layers > 0:
-        randaug = v2.RandAugment(num_ops=cfg.randaug_layers, magnitude=cfg.randaug_magnitude)
     while True:
         cursors = [_StreamCursor(info, cfg, epoch, c, batch * per_stream) for c in streams]
         for b in range(batch, batches):
             images, samples, skipped = [], [], []
             for cursor in cursors:
                 for _ in range(per_stream):
-                    image, sample, bad = cursor.take(randaug)
+                    image, sample, bad = cursor.take()
                     images.append(image)
                     samples.append(sample)
                     if bad is not None:
@@ -637,10 +655,26 @@ def _dataset_fingerprint(split: Split) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def keep_freed_image_buffers() -> None:
+    """Have glibc's malloc keep freed blocks of up to 16 MiB for reuse. By default it hands every block above its
+    mmap threshold (128 KiB at first) back to the system when freed, so each image-sized buffer of the pipeline (a
+    decoded JPEG, a 224x224 crop, each augmentation's output) is mapped and page-faulted in afresh, which cost
+    4-6x the work done on it. Inherited by the loader processes, which fork from this one. Elsewhere than glibc:
+    nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 16 << 20)
+    libc.mallopt(m_trim_threshold, 64 << 20)
+
+
 class TrainStream:
     """This rank's share of the global batch sequence, epoch after epoch, resumable with state_dict()."""
 
     def __init__(self, info: DatasetInfo, cfg: StreamConfig, rank: int, world_size: int):
+        keep_freed_image_buffers()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the world of size {world_size}")
         check_stream_layout(cfg.streams, cfg.global_batch, world_size, cfg.loader_workers)
@@ -683,19 +717,19 @@ class TrainStream:
         return iter(loader)
 
     def _assemble(self, chunks: list[_Chunk]) -> Batch:
-        images = _to_float([c.images for c in chunks])
         labels = [label for c in chunks for label in c.labels]
         targets = _targets(labels, self.info.num_classes)
-        if self.cfg.mixup > 0:
+        if self.cfg.mixup <= 0:
+            images = _to_float([c.images for c in chunks])
+        else:
             per_stream = self.cfg.global_batch // self.cfg.streams
-            for j, c in enumerate(self.streams):
-                lam = float(_rng(_MIXUP, self.cfg.seed, self.epoch, self.batch, c).beta(self.cfg.mixup,
-                                                                                          self.cfg.mixup))
+            lams = [float(_rng(_MIXUP, self.cfg.seed, self.epoch, self.batch, c).beta(self.cfg.mixup, self.cfg.mixup))
+                    for c in self.streams]
+            images = _mixed_float([c.images for c in chunks], lams, per_stream)
+            for j, lam in enumerate(lams):
                 rows = slice(j * per_stream, (j + 1) * per_stream)
-                for t in (images, targets):
-                    part = t[rows]
-                    t[rows] = part * lam + part.flip(0) * (1 - lam)
-            images.clamp_(-1.0, 1.0)
+                part = targets[rows]
+                targets[rows] = part * lam + part.flip(0) * (1 - lam)
         return Batch(images, targets, [k for c in chunks for k in c.keys], [s for c in chunks for s in c.skipped])
 
     def state_dict(self) -> dict[str, Any]:
@@ -705,6 +739,11 @@ class TrainStream:
         """Continue at the saved position. The order's identity must match: a different seed, number of streams,
         global batch or dataset would give another sequence, so the saved position would mean nothing."""
         mine = self._identity()
+        if "augment" in mine and state.get("augment") != mine["augment"]:
+            raise SpecError(f"data stream state: saved with augmentation version {state.get('augment', 1)}, this "
+                            f"release draws version {mine['augment']} (other bits for the same seed), so the resumed "
+                            "run would not continue the saved one exactly; finish the run with the release that "
+                            "started it, or start a new run")
         for name, value in mine.items():
             if state.get(name) != value:
                 raise SpecError(
@@ -726,8 +765,11 @@ class TrainStream:
             shutdown()
 
     def _identity(self) -> dict[str, Any]:
-        return {"order": ORDER_VERSION, "seed": self.cfg.seed, "streams": self.cfg.streams,
-                "global_batch": self.cfg.global_batch, "split": self.cfg.split, "dataset": self._fingerprint}
+        identity = {"order": ORDER_VERSION, "seed": self.cfg.seed, "streams": self.cfg.streams,
+                    "global_batch": self.cfg.global_batch, "split": self.cfg.split, "dataset": self._fingerprint}
+        if self.cfg.randaug_layers > 0 or self.cfg.mixup > 0:
+            identity["augment"] = AUGMENT_VERSION
+        return identity
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -198,6 +198,12 @@ def test_state_from_another_order_is_refused(dataset):
         data.TrainStream(dataset, config(seed=4), 0, 1).load_state_dict(state)
     with pytest.raises(SpecError, match=r"position \(epoch 0, batch 9\) is outside the 9 batches"):
         data.TrainStream(dataset, config(), 0, 1).load_state_dict({**state, "batch": 9})
+    older = {k: v for k, v in state.items() if k != "augment"}  # saved before RandAugment moved to OpenCV
+    with pytest.raises(SpecError, match=f"saved with augmentation version 1, this release draws version "
+                                        f"{data.AUGMENT_VERSION}"):
+        data.TrainStream(dataset, config(), 0, 1).load_state_dict(older)
+    plain = config(randaug_layers=0, mixup=0.0)  # crop and flip only: the same bits as before
+    data.TrainStream(dataset, plain, 0, 1).load_state_dict(older)
 
 
 def test_s3_reads_the_same_batches_as_local(dataset, bucket, tmp_path, reference):
@@ -270,7 +276,7 @@ def test_decoding_at_a_reduced_scale_keeps_the_crop(fmt, monkeypatch):
         expected = F.resized_crop(full, top, left, h, w, [48, 48], antialias=True)
         if rnd.random() < 0.5:
             expected = expected.flip(-1)
-        got = data._train_image(sample, cfg, seed, None)
+        got = data._train_image(sample, cfg, seed)
         assert got.shape == (3, 48, 48) and got.dtype == torch.uint8
         assert (got.float() - expected.float()).abs().mean() < 3, f"seed {seed}"
     evaluated = data._eval_image(sample, 48, 55)
