@@ -51,16 +51,29 @@ token() {
   export RAY_AUTH_TOKEN
 }
 
-wait_started() {  # NAME SECONDS: until the `ray start` of NAME (head, host-I) says its node runs
+wait_started() {  # NAME SECONDS: until the `ray start` of NAME (head, host-I) says its node runs; 1 if it ended
   local pid
   pid=$(cat "$STATE_DIR/$1.pid")
   for _ in $(seq "$(($2 * 10))"); do
     grep -q "Ray runtime started" "$STATE_DIR/$1.log" 2>/dev/null && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "$1 did not start; see $STATE_DIR/$1.log" >&2; exit 1; }
+    kill -0 "$pid" 2>/dev/null || return 1
     sleep 0.1
   done
   echo "$1 did not start within $2 s; see $STATE_DIR/$1.log" >&2
   exit 1
+}
+
+started() {  # NAME SECONDS: wait_started, or fail naming the log
+  wait_started "$1" "$2" || { echo "$1 did not start; see $STATE_DIR/$1.log" >&2; exit 1; }
+}
+
+host_started() {  # I: wait for host-I; on a loaded machine a raylet can miss the 30 s Ray gives it to register
+  # with the GCS (its `ray start` ends: "timed out during startup"), so a host that ended is started once more.
+  wait_started "host-$1" 120 && return 0
+  echo "host-$1 did not start (see $STATE_DIR/host-$1.log); starting it once more" >&2
+  cp "$STATE_DIR/host-$1.log" "$STATE_DIR/host-$1.failed.log"
+  start_host "$1"
+  started "host-$1" 120
 }
 
 node_tmp() {  # NAME: a fresh, short temp folder for the node (Ray's socket paths must stay under 107 characters)
@@ -129,12 +142,12 @@ case $COMMAND in
       --object-store-memory $((OBJECT_STORE_MB << 20)) --temp-dir "$head_tmp" --disable-usage-stats --block \
       >"$STATE_DIR/head.log" 2>&1 </dev/null &
     echo $! >"$STATE_DIR/head.pid"
-    wait_started head 60
+    started head 60
+    # One host after the other: hosts registering at once with a GCS on a busy machine is what makes them miss
+    # Ray's 30 s.
     for i in $(seq "$ARG"); do
       start_host "$i"
-    done
-    for i in $(seq "$ARG"); do
-      wait_started "host-$i" 120
+      host_started "$i"
     done
     # Mode 600 even if an env file of an earlier cluster is still there (cat > keeps an existing file's mode).
     umask 077
@@ -160,7 +173,7 @@ ENV
     alive "$STATE_DIR/head.pid" || { echo "no head runs from $STATE_DIR: $0 up N first" >&2; exit 1; }
     token
     start_host "$ARG"
-    wait_started "host-$ARG" 120
+    host_started "$ARG"
     echo "host-$ARG joined on 127.0.0.$((ARG + 1))"
     ;;
   down)
