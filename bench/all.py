@@ -38,6 +38,7 @@ BENCHES = [
     # One thread: two threads on two cores shared with other processes spin-wait and swing 10x.
     Bench("bench/model.py", ["--device", "cpu", "--threads", "1", "--variants", "tiny", "--image-size", "32",
                              "--batch", "64", "--iters", "20"], 600),
+    Bench("bench/train_e2e.py", [], 600),
 ]
 
 # name -> (target, higher_is_better). Names without a target are reported for information.

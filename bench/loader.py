@@ -129,11 +129,15 @@ def baseline(root: str, workers: int, batch: int, randaug: bool) -> Iterable[tor
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1500)
-    parser.add_argument("--workers", type=int, default=2, help="loader processes, on both sides")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="loader processes, on both sides (0: in this process, on one thread: the per-core "
+                        "figure of one loader process without the cost of handing batches between processes)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="runs per side, alternating; the best counts")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
+    if args.workers == 0:
+        torch.set_num_threads(1)
     if args.images < 8 * SHARD_SAMPLES:
         parser.error(f"--images must be at least {8 * SHARD_SAMPLES}: the stream reads 8 streams of whole shards")
 
