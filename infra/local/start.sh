@@ -76,17 +76,43 @@ python -c "import boto3, sys; boto3.client('s3').create_bucket(Bucket=sys.argv[1
 # Ray head. --block keeps `ray start` in the foreground as the parent of every Ray process of this head, so that
 # stop.sh ends exactly this head (a plain `ray stop` would end every Ray cluster of this user on the machine).
 # A short temp dir: Ray's socket paths must stay under the OS limit of 107 characters.
-RAY_TMP=$(mktemp -d /tmp/ray-local-XXXXXX)
-echo "$RAY_TMP" >"$STATE_DIR/ray_tmp"
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN="$TOKEN"
 ray_node_env
 # Keep every address Ray advertises on loopback.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
-setsid nohup ray start --head --block --disable-usage-stats \
-  --node-ip-address 127.0.0.1 --port "$RAY_PORT" --ray-client-server-port "$RAY_CLIENT_PORT" \
-  --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
-  --temp-dir "$RAY_TMP" --num-cpus "$NUM_CPUS" >"$STATE_DIR/ray.log" 2>&1 </dev/null &
-echo $! >"$STATE_DIR/ray.pid"
+
+start_head() {
+  RAY_TMP=$(mktemp -d /tmp/ray-local-XXXXXX)
+  echo "$RAY_TMP" >"$STATE_DIR/ray_tmp"
+  setsid nohup ray start --head --block --disable-usage-stats \
+    --node-ip-address 127.0.0.1 --port "$RAY_PORT" --ray-client-server-port "$RAY_CLIENT_PORT" \
+    --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" --dashboard-agent-listen-port "$RAY_AGENT_PORT" \
+    --temp-dir "$RAY_TMP" --num-cpus "$NUM_CPUS" >"$STATE_DIR/ray.log" 2>&1 </dev/null &
+  echo $! >"$STATE_DIR/ray.pid"
+}
+
+head_started() {  # until `ray start` says the runtime started; 1 if it ended first
+  for _ in $(seq 1800); do
+    grep -q "Ray runtime started" "$STATE_DIR/ray.log" 2>/dev/null && return 0
+    kill -0 "$(cat "$STATE_DIR/ray.pid")" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  echo "the Ray head did not start within 180 s; see $STATE_DIR/ray.log" >&2
+  exit 1
+}
+
+start_head
+# On a busy machine the raylet can miss the fixed 30 s Ray gives it to register with the GCS; `ray start` then ends
+# ("timed out during startup") and takes the head down, though its dashboard may have answered already. Such a head
+# is started once more, after its leftovers are ended.
+if ! head_started; then
+  echo "the Ray head did not start (see $STATE_DIR/ray.failed.log); starting it once more" >&2
+  cp "$STATE_DIR/ray.log" "$STATE_DIR/ray.failed.log"
+  pkill -KILL -f -- "$RAY_TMP/" 2>/dev/null || true
+  rm -rf "$RAY_TMP"
+  start_head
+  head_started || { echo "the Ray head did not start; see $STATE_DIR/ray.log" >&2; exit 1; }
+fi
 WAIT_TOKEN="$TOKEN" wait_for_url "http://127.0.0.1:$RAY_DASHBOARD_PORT/api/version" 180 "$STATE_DIR/ray.pid" \
   "$STATE_DIR/ray.log"
 
