@@ -28,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+import model as bench_model  # noqa: E402
 from loader import write_images  # noqa: E402
 
 from pipeline import config, metrics, train  # noqa: E402
@@ -77,8 +78,6 @@ def end_to_end(spec: config.Spec, warmup: int, steps: int) -> dict[str, float]:
 def bare(spec: config.Spec, warmup: int, steps: int, device: torch.device) -> float:
     """images/s of bench/model.py's bare step of the same model at the same batch: forward, loss, backward, AdamW
     (in bf16, DeepSpeed's recipe: fp32 master weights), on tensors already on the device."""
-    import model as bench_model
-
     precision = "bf16" if spec.deepspeed.bf16 else "fp32"
     size, batch = spec.model.image_size, spec.batch.global_
     net = bench_model.build_ours(spec.model.variant, size, 1000, spec.model.gelu, device)
@@ -140,10 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if peak:
         result["mfu_datasheet"] = round(metrics.mfu(e2e["images_per_s"], e2e["flops_per_image"], peak, 1), 4)
         print(f"MFU against the data-sheet dense bf16 peak ({peak / 1e12:.0f} TFLOP/s): {result['mfu_datasheet']:.1%}")
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    bench_model.write_atomic(args.json, json.dumps(result, indent=2))
     return 0
 
 
