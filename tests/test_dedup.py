@@ -115,3 +115,20 @@ def test_fingerprints_ignore_re_encoding_and_brightness_but_not_another_picture(
         assert int(np.bitwise_count(base[0] ^ coarse)) <= 4 and int(np.bitwise_count(base[1] ^ fine).sum()) <= 24
     other = dedup.fingerprint(encode(b, "jpeg")[0])
     assert int(np.bitwise_count(base[1] ^ other[1]).sum()) > dedup.FINE_MAX
+
+
+def test_a_run_recorded_before_dedup_existed_resumes_and_one_with_references_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from data_prep.prepare import PrepareError, PrepareOptions, _claim
+    from pipeline import storage
+
+    plan = SimpleNamespace(layout="imagefolder", inputs=10, shards=[1], digest="abc")
+    dest = str(tmp_path / "ds")
+    _claim(dest, "raw", plan, PrepareOptions())
+    record = storage.read_json(f"{dest}/_progress/plan.json")
+    del record["dedup_against"]  # as a release without --dedup-against wrote it
+    storage.write_json_atomic(f"{dest}/_progress/plan.json", record)
+    _claim(dest, "raw", plan, PrepareOptions())
+    with pytest.raises(PrepareError, match=r"--dedup-against was \[\], now \['refs'\]"):
+        _claim(dest, "raw", plan, PrepareOptions(dedup_against=("refs",)))
