@@ -524,20 +524,20 @@ def shard_labels(info: DatasetInfo, shard: Shard) -> list[tuple[int, ...]]:
     return [sample.labels for _, sample in _read_shard(info, shard, None, shard.samples)]
 
 
-def eval_views(info: DatasetInfo, shard: Shard, wanted: set[int], image_size: int,
-               resize: int | None = None) -> Iterator[tuple[int, torch.Tensor, tuple[int, ...]]]:
-    """(position in the shard, uint8 view, labels) of the `wanted` samples of a shard, resized and
-    centre-cropped as `eval_batches` does; an unusable sample is left out with a warning."""
-    if not wanted:
+def eval_views(info: DatasetInfo, shard: Shard, wanted: set[int] | None, image_size: int,
+               resize: int | None = None) -> Iterator[tuple[int, _Sample, torch.Tensor]]:
+    """(position in the shard, sample, uint8 view) of the `wanted` samples of a shard (None: all), in shard order,
+    resized and centre-cropped for evaluation; an unusable sample is left out with a warning."""
+    if wanted is not None and not wanted:
         return
     resize = resize or round(image_size * 8 / 7)
-    for index, sample in _read_shard(info, shard, wanted, max(wanted) + 1):
+    for index, sample in _read_shard(info, shard, wanted, shard.samples if wanted is None else max(wanted) + 1):
         try:
             view = _eval_image(sample, image_size, resize)
         except BadSampleError as e:
             log.warning("%s; left out of the evaluation", e)
             continue
-        yield index, view, sample.labels
+        yield index, sample, view
 
 
 def _mixed_float(chunks: Sequence[torch.Tensor], lams: list[float], per_stream: int) -> torch.Tensor:
@@ -780,12 +780,8 @@ def _produce_eval(info: DatasetInfo, shards: list[Shard], image_size: int, resiz
                   batch_size: int) -> Iterator[_Chunk]:
     images, labels, keys = [], [], []
     for shard in shards:
-        for _, sample in _read_shard(info, shard, None, shard.samples):
-            try:
-                images.append(_eval_image(sample, image_size, resize))
-            except BadSampleError as e:
-                log.warning("%s; left out of the evaluation", e)
-                continue
+        for _, sample, view in eval_views(info, shard, None, image_size, resize):
+            images.append(view)
             labels.append(sample.labels)
             keys.append(sample.key)
             if len(images) == batch_size:

@@ -169,7 +169,7 @@ def _read_views(info: DatasetInfo, shards: list, picks: list[Pick], image_size: 
     for p in picks:
         by_shard.setdefault(p.shard, {})[p.index] = p
     for position, wanted in sorted(by_shard.items()):
-        for index, view, _ in data.eval_views(info, shards[position], set(wanted), image_size, resize):
+        for index, _, view in data.eval_views(info, shards[position], set(wanted), image_size, resize):
             views[wanted[index]] = view
     return views
 
@@ -177,15 +177,31 @@ def _read_views(info: DatasetInfo, shards: list, picks: list[Pick], image_size: 
 def _test_batches(info: DatasetInfo, split: str, image_size: int, resize: int | None, batch_size: int, rank: int,
                   world_size: int) -> Iterator[tuple[torch.Tensor, list[int]]]:
     """This rank's batches of the test split: runs of `batch_size` samples of one shard, the j-th run of the split
-    to rank j mod world size. A shard is read by each rank that has one of its runs."""
+    to rank j mod world size. Each shard with runs of this rank is read once, up to its last such run."""
     shards = info.split(split).shards
     runs = [(position, run) for position, shard in enumerate(shards) for run in _runs(shard.samples, batch_size)]
-    mine = [(position, run) for j, (position, run) in enumerate(runs) if j % world_size == rank]
-    for position, run in mine:
-        got = list(data.eval_views(info, shards[position], set(run), image_size, resize))
-        if got:
-            yield torch.stack([v for _, v, _ in got]), [_single_label(ls, info, shards[position].name)
-                                                       for _, _, ls in got]
+    mine: dict[int, list[range]] = {}
+    for j, (position, run) in enumerate(runs):
+        if j % world_size == rank:
+            mine.setdefault(position, []).append(run)
+    for position, shard_runs in mine.items():
+        wanted = {i for run in shard_runs for i in run}
+        views: dict[int, tuple[torch.Tensor, int]] = {}
+        ends = iter(shard_runs)
+        run = next(ends)
+        for index, sample, view in data.eval_views(info, shards[position], wanted, image_size, resize):
+            while index >= run.stop:  # the views of the runs before this sample's are all in
+                yield from _batch(views)
+                run = next(ends)
+            views[index] = (view, _single_label(sample.labels, info, shards[position].name))
+        yield from _batch(views)
+
+
+def _batch(views: dict[int, tuple[torch.Tensor, int]]) -> Iterator[tuple[torch.Tensor, list[int]]]:
+    """The views gathered so far as one batch (none if every sample of the run was unusable), then emptied."""
+    if views:
+        yield torch.stack([v for v, _ in views.values()]), [label for _, label in views.values()]
+    views.clear()
 
 
 class _Features:
