@@ -10,6 +10,7 @@ one (gloo on CPU, NCCL on a GPU). On CPU the defaults are the tiny variant at 32
 
     python bench/train_e2e.py                                      # CPU: tiny
     python bench/train_e2e.py --variant B/16 --batch 256 --loader-workers 10 --steps 40 --json out/e2e.json
+    python bench/train_e2e.py --knobs        # also each knob of the lean engine step turned back, one at a time
 """
 
 from __future__ import annotations
@@ -33,9 +34,21 @@ from loader import write_images  # noqa: E402
 
 from pipeline import config, metrics, train  # noqa: E402
 
+# Each knob of the lean engine step turned back to DeepSpeed's own choice, one at a time, then all together
+# (`--knobs`): the images/s each one costs shows whether the lean default earns its place.
+KNOBS = {
+    "overlap_comm off": {"deepspeed": {"overlap_comm": False}},
+    "check_overflow on": {"deepspeed": {"check_overflow": True}},
+    "fp64 grad norm": {"deepspeed": {"fp32_grad_norm": False}},
+    "not compiled": {"model": {"compile": False}},
+    "all four": {"deepspeed": {"overlap_comm": False, "check_overflow": True, "fp32_grad_norm": False},
+                 "model": {"compile": False}},
+}
 
-def spec_for(args: argparse.Namespace, dataset: str, run_url: str, on_gpu: bool) -> config.Spec:
-    return config.from_dict({
+
+def spec_for(args: argparse.Namespace, dataset: str, run_url: str, on_gpu: bool,
+             knob: dict | None = None) -> config.Spec:
+    raw = {
         "model": {"variant": args.variant, "image_size": args.image_size, "compile": on_gpu and not args.eager},
         "data": {"dataset": dataset, "eval_split": None, "streams": 8, "loader_workers": args.loader_workers,
                  "randaug": {"layers": 2, "magnitude": 15}, "mixup": 0.5},
@@ -46,7 +59,10 @@ def spec_for(args: argparse.Namespace, dataset: str, run_url: str, on_gpu: bool)
         "cluster": {"workers": 1, "gpus_per_worker": int(on_gpu), "cpus_per_worker": os.cpu_count() or 1},
         "checkpoint": {"every_steps": 0},
         "run": {"url": run_url},
-    })
+    }
+    for section, values in (knob or {}).items():
+        raw[section] = {**raw[section], **values}
+    return config.from_dict(raw)
 
 
 def _sync(device: torch.device) -> None:
@@ -115,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="generated JPEGs (default: enough for the run)")
     parser.add_argument("--eager", action="store_true", help="no torch.compile on a GPU")
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--knobs", action="store_true",
+                        help="also run each knob of the lean engine step turned back, one at a time (see KNOBS)")
     args = parser.parse_args(argv)
     images = args.images or max(800, (args.warmup + args.steps) * args.batch)
     _world_of_one()
@@ -123,7 +141,20 @@ def main(argv: list[str] | None = None) -> int:
         info = write_images(root, images)
         spec = spec_for(args, info.url, os.path.join(root, "run"), on_gpu)
         e2e = end_to_end(spec, args.warmup, args.steps)
+        knobs = {}
+        for i, (name, knob) in enumerate(KNOBS.items() if args.knobs else []):
+            knobs[name] = end_to_end(spec_for(args, info.url, os.path.join(root, f"run-{i}"), on_gpu, knob),
+                                     args.warmup, args.steps)["images_per_s"]
     alone = bare(spec, args.warmup, args.steps, device)
+    result = report(args, spec, e2e, alone, on_gpu)
+    if knobs:
+        result["knobs"] = report_knobs(e2e["images_per_s"], knobs)
+    bench_model.write_atomic(args.json, json.dumps(result, indent=2))
+    return 0
+
+
+def report(args: argparse.Namespace, spec: config.Spec, e2e: dict[str, float], alone: float,
+           on_gpu: bool) -> dict:
     ratio = e2e["images_per_s"] / alone
     print(f"{args.variant} at {args.image_size}, batch {args.batch}, {args.loader_workers} loader processes, "
           f"{'GPU' if on_gpu else 'CPU'}{' compiled' if spec.model.compile else ''}")
@@ -139,8 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     if peak:
         result["mfu_datasheet"] = round(metrics.mfu(e2e["images_per_s"], e2e["flops_per_image"], peak, 1), 4)
         print(f"MFU against the data-sheet dense bf16 peak ({peak / 1e12:.0f} TFLOP/s): {result['mfu_datasheet']:.1%}")
-    bench_model.write_atomic(args.json, json.dumps(result, indent=2))
-    return 0
+    return result
+
+
+def report_knobs(lean: float, knobs: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The table of knobs: each one turned back, its images/s and its ratio to the lean step (below 1: the lean
+    default helps)."""
+    print(f"\n{'engine step':<22}{'images/s':>10}{'vs lean':>9}")
+    print(f"{'lean (the default)':<22}{lean:>10.1f}{1.0:>9.3f}")
+    rows = {}
+    for name, value in knobs.items():
+        rows[name] = {"images_per_s": round(value, 2), "vs_lean": round(value / lean, 4)}
+        print(f"{name:<22}{value:>10.1f}{value / lean:>9.3f}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -101,6 +101,15 @@ class DeepSpeedSpec:
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: bool = False  # GPU specs turn it on; DeepSpeed's bf16 mode runs on CPU too
     offload_optimizer: bool = False
+    # Per-step work of the engine, each measured by `bench/train_e2e.py --knobs`:
+    # reduce gradients bucket by bucket while the backward pass runs (stages 1-2; stage 3 always overlaps);
+    overlap_comm: bool = True
+    # bf16: test the gradients for inf/nan before every optimizer step and skip such steps (a host sync a step).
+    # Off, a non-finite loss stops the run at the next log line or checkpoint, before anything is saved;
+    check_overflow: bool = False
+    # the clipping norm accumulated in fp32 as torch's clip_grad_norm_ does (DeepSpeed's own: an fp64 copy of every
+    # gradient).
+    fp32_grad_norm: bool = True
 
 
 @dataclass

@@ -6,6 +6,7 @@ Each function names what it relies on, so that a DeepSpeed upgrade is checked he
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 import types
@@ -120,3 +121,20 @@ def use_gloo_allreduce_on_cpu() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+_NORM_MODULES = ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3")
+
+
+def grad_norm_in_fp32(enabled: bool) -> None:
+    """ZeRO's gradient norm for clipping with each gradient converted to fp32 (`enabled`) or, DeepSpeed's own
+    choice, fp64. fp64 writes a double-width copy of every gradient each step, and GPUs run fp64 at a fraction of
+    fp32's rate; torch's clip_grad_norm_ accumulates in the gradients' own dtype, fp32 here.
+
+    Relies on the ZeRO optimizers calling `get_norm_dtype` through their own module's global name."""
+    import torch
+    from deepspeed.runtime.zero import utils
+
+    for name in _NORM_MODULES:
+        module = importlib.import_module(name)
+        module.get_norm_dtype = (lambda: torch.float32) if enabled else utils.get_norm_dtype

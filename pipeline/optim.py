@@ -62,16 +62,16 @@ def lr_factor(step: int, spec: Spec, total_steps: int) -> float:
 
 
 def deepspeed_config(spec: Spec, shape: StepShape, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config of a run: batch split, clipping, ZeRO stage, bf16, and the optimizer for Adam (SGD is
-    built by the trainer and handed to DeepSpeed)."""
-    o = spec.optim
+    """The DeepSpeed config of a run: batch split, clipping, ZeRO stage and its overlap, bf16 and its overflow test,
+    and the optimizer for Adam (SGD is built by the trainer and handed to DeepSpeed)."""
+    o, d = spec.optim, spec.deepspeed
     cfg: dict[str, Any] = {
         "train_batch_size": spec.batch.global_,
         "train_micro_batch_size_per_gpu": spec.batch.micro,
         "gradient_accumulation_steps": shape.micro_batches_per_rank,
         "gradient_clipping": o.clip_grad_norm or 0.0,
-        "zero_optimization": {"stage": spec.deepspeed.zero_stage},
-        "bf16": {"enabled": spec.deepspeed.bf16},
+        "zero_optimization": {"stage": d.zero_stage, "overlap_comm": d.overlap_comm or d.zero_stage == 3},
+        "bf16": {"enabled": d.bf16, "check_grad_overflow": d.check_overflow},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -93,6 +93,7 @@ def build_engine(spec: Spec, net: torch.nn.Module, shape: StepShape, on_gpu: boo
     import deepspeed
 
     deepspeed_compat.skip_muon_import()
+    deepspeed_compat.grad_norm_in_fp32(spec.deepspeed.fp32_grad_norm)
     optimizer = None
     if spec.optim.name == "sgd":
         optimizer = torch.optim.SGD(param_groups(net, spec.optim.weight_decay), lr=spec.optim.lr,

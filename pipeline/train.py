@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 import socket
@@ -29,12 +30,17 @@ from pipeline import data, deepspeed_compat, fewshot, metrics, optim, run, stora
 from pipeline.checkpoint import CheckpointStore, StepRecord
 from pipeline.config import Spec
 from pipeline.dataset_json import DatasetInfo
+from pipeline.errors import MixerError
 from pipeline.evaluate import evaluate, loss_fn
 from pipeline.lease import Lease, LeaseError
 from pipeline.skips import SkipLog
 from pipeline.units import format_duration
 
 log = logging.getLogger("mixer.train")
+
+
+class DivergedError(MixerError):
+    """The loss became non-finite: the weights no longer hold numbers, and nothing after them is saved."""
 
 
 @dataclass
@@ -97,6 +103,7 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
         if due(state.step, spec.run.log_every, parts.shape.total_steps):
             log_train(parts, state.step, window, progress, skips)
         if due(state.step, spec.checkpoint.every_steps, stop_at):
+            check_finite(parts, window, state.step)
             skips.settle(state.step, parts.metrics)  # a resume from this step must find every skip up to it on file
             save(parts, state)
         if spec.data.eval_split and due(state.step, spec.eval.every_steps, parts.shape.total_steps):
@@ -308,11 +315,44 @@ def log_train(parts: Parts, step: int, window: LossWindow, progress: Any, skips:
         "eta_s": step_time * (shape.total_steps - step), "skipped_samples": skipped,
     }
     parts.metrics.log(record)
+    if not math.isfinite(record["loss"]) and not skips_nonfinite_steps(parts.spec):
+        parts.metrics.flush(wait=True)
+        raise DivergedError(diverged_message(parts, step - window.steps + 1, step))
     if progress is not None:
         progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{images_per_s:.0f}",
                              eta=format_duration(record["eta_s"]))
     window.reset()
     skips.stop_if_over(parts.metrics)
+
+
+def skips_nonfinite_steps(spec: Spec) -> bool:
+    """Whether DeepSpeed tests each step's gradients and skips a non-finite step (bf16 with check_overflow), so
+    that a non-finite loss leaves the weights as they were."""
+    return spec.deepspeed.bf16 and spec.deepspeed.check_overflow
+
+
+def check_finite(parts: Parts, window: LossWindow, step: int) -> None:
+    """Collective, before a checkpoint: stop if any rank's loss since the last log line, or any weight this rank
+    holds (ZeRO-3: its partition), is non-finite, so that weights no longer holding numbers are never committed.
+    One pass over the weights and one all-reduce of a scalar a checkpoint."""
+    if skips_nonfinite_steps(parts.spec):
+        return
+    weights = [getattr(p, "ds_tensor", p) for p in parts.engine.module.parameters()]
+    bad = (~torch.stack([torch.isfinite(w).all() for w in weights]).all()).to(torch.float32)
+    if window.steps:
+        bad += (~torch.isfinite(window.loss_sum)).to(torch.float32)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise DivergedError(diverged_message(parts, step - max(window.steps, 1) + 1, step))
+
+
+def diverged_message(parts: Parts, first: int, last: int) -> str:
+    newest = parts.store.latest()
+    since = f"step {newest}" if newest is not None else "none yet"
+    return (f"the training loss or weights became non-finite (nan or inf) between steps {first} and {last}; the run "
+            f"stops without saving (its newest checkpoint: {since}). Lower optim.lr or set optim.clip_grad_norm and "
+            "start a new run, from that checkpoint with --resume-from if there is one; or, in bf16, set "
+            "deepspeed.check_overflow: true to skip steps whose gradients are non-finite")
 
 
 def save(parts: Parts, state: TrainState) -> None:

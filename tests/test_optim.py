@@ -159,8 +159,8 @@ def test_deepspeed_config_of_an_adam_run():
     assert cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["gradient_clipping"] == 0.5
-    assert cfg["zero_optimization"] == {"stage": 3}
-    assert cfg["bf16"]["enabled"] is True
+    assert cfg["zero_optimization"] == {"stage": 3, "overlap_comm": True}
+    assert cfg["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert cfg["optimizer"]["type"] == "AdamW"
     params = cfg["optimizer"]["params"]
     assert params["lr"] == 2e-3
@@ -174,10 +174,38 @@ def test_deepspeed_config_of_an_adam_run():
 def test_deepspeed_config_follows_the_spec_flags():
     shape = StepShape(60, 10, 8)
     plain = deepspeed_config(make_spec(deepspeed={"zero_stage": 1, "bf16": False}), shape, on_gpu=False)
-    assert plain["zero_optimization"] == {"stage": 1}
+    assert plain["zero_optimization"] == {"stage": 1, "overlap_comm": True}
     assert plain["bf16"]["enabled"] is False
     assert plain["gradient_clipping"] == 1.0  # the spec's default clip
     assert plain["gradient_accumulation_steps"] == 8
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_lean_knobs_reach_deepspeed_and_can_be_turned_back(stage):
+    """Overlap and no per-step overflow test by default; off, ZeRO 1-2 reduce after backward (stage 3 always
+    overlaps) and bf16 skips non-finite steps."""
+    lean = deepspeed_config(make_spec(deepspeed={"zero_stage": stage, "bf16": True}), StepShape(60, 10, 8), True)
+    assert lean["zero_optimization"]["overlap_comm"] is True
+    assert lean["bf16"]["check_grad_overflow"] is False
+    stock = deepspeed_config(make_spec(deepspeed={"zero_stage": stage, "bf16": True, "overlap_comm": False,
+                                                  "check_overflow": True}), StepShape(60, 10, 8), True)
+    assert stock["zero_optimization"]["overlap_comm"] is (stage == 3)
+    assert stock["bf16"]["check_grad_overflow"] is True
+
+
+def test_the_clipping_norm_dtype_follows_the_knob():
+    import deepspeed.runtime.zero.stage3 as stage3
+    import deepspeed.runtime.zero.stage_1_and_2 as stage12
+
+    from pipeline import deepspeed_compat
+
+    try:
+        deepspeed_compat.grad_norm_in_fp32(True)
+        assert stage12.get_norm_dtype() == stage3.get_norm_dtype() == torch.float32
+        deepspeed_compat.grad_norm_in_fp32(False)
+        assert stage12.get_norm_dtype() == stage3.get_norm_dtype() == torch.float64  # DeepSpeed's own
+    finally:
+        deepspeed_compat.grad_norm_in_fp32(True)
 
 
 def test_no_clipping_is_zero_for_deepspeed():
@@ -206,6 +234,7 @@ def test_offload_moves_the_optimizer_to_cpu_pinned_only_on_gpu(on_gpu):
     {"optim": {"clip_grad_norm": None, "weight_decay": 0.1}, "deepspeed": {"zero_stage": 3, "bf16": True}},
     {"optim": {"name": "sgd"}, "deepspeed": {"zero_stage": 1}},
     {"deepspeed": {"zero_stage": 2, "offload_optimizer": True}},
+    {"deepspeed": {"zero_stage": 1, "bf16": True, "overlap_comm": False, "check_overflow": True}},
 ])
 def test_deepspeed_accepts_the_config(sections):
     """DeepSpeed's own config parser reads the dict back (one process, no group: it takes the world size as 1)."""
@@ -228,6 +257,8 @@ def test_deepspeed_accepts_the_config(sections):
         assert ds.optimizer_name is None
         assert ds.zero_allow_untested_optimizer
     assert (ds.zero_config.offload_optimizer is not None) == spec.deepspeed.offload_optimizer
+    assert ds.zero_config.overlap_comm == (spec.deepspeed.overlap_comm or spec.deepspeed.zero_stage == 3)
+    assert ds.bfloat16_config.check_grad_overflow == spec.deepspeed.check_overflow
 
 
 # --- param_groups ----------------------------------------------------------------------------------------------------

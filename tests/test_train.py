@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -101,3 +102,44 @@ def test_a_multilabel_dataset_with_softmax_is_refused_before_start(sample_multil
     spec = tiny_spec(sample_multilabel_dataset, str(tmp_path / "run"))
     with pytest.raises(config.SpecError, match="multi-label datasets need `loss: sigmoid`"):
         run.preflight(spec)
+
+
+def test_a_diverging_run_stops_before_it_saves_broken_weights(sample_dataset, tmp_path):
+    """bf16 without the per-step overflow test (the default): a loss that turns non-finite stops the run at the next
+    checkpoint, naming the steps, and nothing after it is committed. (In fp32, DeepSpeed skips a step whose gradient
+    norm is not finite.) A world of one, started as torchrun starts a worker."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.checkpoint import CheckpointStore
+
+    run_url = str(tmp_path / "run")
+    # Adam's first step moves every weight by about lr: 1e36 leaves the model's numbers overflowing to inf and nan.
+    spec = tiny_spec(sample_dataset, run_url, optim={"lr": 1e36, "clip_grad_norm": None},
+                     schedule={"warmup_steps": 0, "total_steps": 6, "decay": "constant"},
+                     deepspeed={"zero_stage": 2, "bf16": True}, cluster={"workers": 1}, checkpoint={"every_steps": 2},
+                     run={"url": run_url, "log_every": 5})
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec.to_yaml())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "pipeline.train", str(path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode != 0
+    found = re.search(r"DivergedError: the training loss or weights became non-finite \(nan or inf\) between steps "
+                      r"(\d+) and (\d+); the run stops without saving", done.stderr)
+    assert found, done.stderr[-3000:]
+    stopped_at = int(found.group(2))
+    assert stopped_at % 2 == 0 and stopped_at < 6
+    newest = CheckpointStore(run_url).latest()
+    assert newest is None or newest < stopped_at
+    for step in range(2, stopped_at, 2):  # every commit before the stop holds numbers only
+        saved = storage.read_bytes(storage.join(run_url, "checkpoints", f"step-{step:09d}",
+                                                "mp_rank_00_model_states.pt"))
+        module = torch.load(io.BytesIO(saved), map_location="cpu", weights_only=False)["module"]
+        assert all(torch.isfinite(t).all() for t in module.values())
