@@ -10,6 +10,9 @@
 # after LIMIT seconds.
 # Without a CUDA device it runs the tiny variant on CPU instead. Installs nothing.
 #
+# Then bench/train_e2e.py (E2E=0 skips it): the trainer end to end per variant in E2E_VARIANTS (B/16,L/16), views
+# made on the CPU and on the device, each row stopped after E2E_LIMIT (240) seconds; $OUT/e2e-*.json.
+#
 # Overrides: PYTHON, VARIANTS (B/16,L/16,H/14), BATCH (512,256,128), BUDGET (390), LIMIT (465). The defaults keep the
 # script under 8 minutes on an H200: the main and DeepSpeed rows take about 6, then the B/16 cross-recipe rows fit;
 # BUDGET=470 LIMIT=560 also fits L/16's.
@@ -76,5 +79,27 @@ if [ -s "$OUT/table.txt" ]; then
 else
     say "no rows: bench/model.py wrote no $OUT/table.txt"
     [ "$rc" -eq 0 ] && rc=1
+fi
+# The trainer end to end (bench/train_e2e.py): shards -> the i21k augmentation -> DeepSpeed ZeRO-1 bf16 compiled ->
+# optimizer steps, against the bare step, per variant with the views made on the CPU (10 loader processes) and on
+# the device; on a GPU the first row also measures each knob of the lean engine step. On CPU: the tiny variant once.
+if [ "${E2E:-1}" != 0 ]; then
+    if [ "$CUDA" = 1 ]; then
+        ROWS=()
+        for v in $(echo "${E2E_VARIANTS:-B/16,L/16}" | tr ',' ' '); do ROWS+=("$v cpu" "$v gpu"); done
+        knobs=--knobs
+    else
+        ROWS=("tiny cpu")
+        knobs=
+    fi
+    for row in "${ROWS[@]}"; do
+        read -r variant decode <<< "$row"
+        name="e2e-${variant//\//}-$decode"
+        say "train_e2e: $variant, views on the $decode${knobs:+, with the knobs}"
+        timeout -k 15 "${E2E_LIMIT:-240}" "$PYTHON" bench/train_e2e.py --variant "$variant" --decode "$decode" \
+            $knobs --json "$OUT/$name.json" 2>&1 | grep -v -E "^\[|WARNING|INFO" | tee -a "$LOG"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || { say "train_e2e $variant $decode failed (see $LOG)"; [ "$rc" -eq 0 ] && rc=1; }
+        knobs=
+    done
 fi
 exit "$rc"

@@ -11,6 +11,7 @@ one (gloo on CPU, NCCL on a GPU). On CPU the defaults are the tiny variant at 32
     python bench/train_e2e.py                                      # CPU: tiny
     python bench/train_e2e.py --variant B/16 --batch 256 --loader-workers 10 --steps 40 --json out/e2e.json
     python bench/train_e2e.py --knobs        # also each knob of the lean engine step turned back, one at a time
+    python bench/train_e2e.py --decode gpu   # views made on the device (on CPU: the same code on the CPU)
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def spec_for(args: argparse.Namespace, dataset: str, run_url: str, on_gpu: bool,
     raw = {
         "model": {"variant": args.variant, "image_size": args.image_size, "compile": on_gpu and not args.eager},
         "data": {"dataset": dataset, "eval_split": None, "streams": 8, "loader_workers": args.loader_workers,
-                 "randaug": {"layers": 2, "magnitude": 15}, "mixup": 0.5},
+                 "randaug": {"layers": 2, "magnitude": 15}, "mixup": 0.5, "decode": args.decode},
         "optim": {"lr": 1e-3, "weight_decay": 0.1, "clip_grad_norm": 1.0},
         "schedule": {"warmup_steps": 1, "total_steps": args.warmup + args.steps},
         "batch": {"global": args.batch, "micro": args.batch},
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=None, help="generated JPEGs (default: enough for the run)")
     parser.add_argument("--eager", action="store_true", help="no torch.compile on a GPU")
     parser.add_argument("--json", default=None, help="write the result here")
+    parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
+                        help="data.decode: views made in the loader processes, or on the device (nvJPEG)")
     parser.add_argument("--knobs", action="store_true",
                         help="also run each knob of the lean engine step turned back, one at a time (see KNOBS)")
     args = parser.parse_args(argv)
@@ -157,7 +160,8 @@ def report(args: argparse.Namespace, spec: config.Spec, e2e: dict[str, float], a
            on_gpu: bool) -> dict:
     ratio = e2e["images_per_s"] / alone
     print(f"{args.variant} at {args.image_size}, batch {args.batch}, {args.loader_workers} loader processes, "
-          f"{'GPU' if on_gpu else 'CPU'}{' compiled' if spec.model.compile else ''}")
+          f"{'GPU' if on_gpu else 'CPU'}{' compiled' if spec.model.compile else ''}, views made on the "
+          f"{'device' if args.decode == 'gpu' else 'CPU'}")
     print(f"end to end (shards -> DeepSpeed step): {e2e['images_per_s']:9.1f} images/s, waiting for data "
           f"{e2e['data_wait']:.1%} of the time")
     print(f"bare step (model + AdamW):             {alone:9.1f} images/s")
@@ -165,7 +169,8 @@ def report(args: argparse.Namespace, spec: config.Spec, e2e: dict[str, float], a
     result = {"name": "train e2e", "ours": round(e2e["images_per_s"], 2), "baseline": round(alone, 2),
               "unit": "images/s", "ratio": round(ratio, 4), "data_wait": round(e2e["data_wait"], 4),
               "variant": args.variant, "image_size": args.image_size, "batch": args.batch,
-              "loader_workers": args.loader_workers, "device": torch.cuda.get_device_name(0) if on_gpu else "cpu"}
+              "loader_workers": args.loader_workers, "decode": args.decode,
+              "device": torch.cuda.get_device_name(0) if on_gpu else "cpu"}
     peak = e2e["peak"]
     if peak:
         result["mfu_datasheet"] = round(metrics.mfu(e2e["images_per_s"], e2e["flops_per_image"], peak, 1), 4)

@@ -58,21 +58,26 @@ def _autocontrast(image: np.ndarray) -> np.ndarray:
     return cv2.LUT(image, table.astype(np.uint8).reshape(256, 1, 3))
 
 
-def _apply(image: np.ndarray, op: str, magnitude: int, negative: bool) -> np.ndarray:
-    sign = -1.0 if negative else 1.0
-    h, w = image.shape[:2]
+GEOMETRIC = ("shear_x", "shear_y", "translate_x", "translate_y", "rotate")
+
+
+def warp_matrix(op: str, magnitude: int, negative: bool, h: int, w: int) -> np.ndarray:
+    """The 2x3 affine map of a geometric operation on an h x w image, output pixel -> input pixel."""
     if op in ("shear_x", "shear_y"):
-        v = sign * _scale(0.3, magnitude)
-        return _warp(image, np.array([[1, v, 0], [0, 1, 0]] if op == "shear_x" else [[1, 0, 0], [v, 1, 0]],
-                                     np.float64))
+        v = shear(magnitude, negative)
+        return np.array([[1, v, 0], [0, 1, 0]] if op == "shear_x" else [[1, 0, 0], [v, 1, 0]], np.float64)
     if op in ("translate_x", "translate_y"):
-        pixels = int(sign * _scale(150 / 331 * (w if op == "translate_x" else h), magnitude))
-        return _warp(image, np.array([[1, 0, pixels], [0, 1, 0]] if op == "translate_x" else
-                                     [[1, 0, 0], [0, 1, pixels]], np.float64))
-    if op == "rotate":
-        matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), sign * _scale(30.0, magnitude), 1.0)
-        return _warp(image, cv2.invertAffineTransform(matrix))
-    factor = 1.0 + sign * _scale(0.9, magnitude)
+        pixels = translate_pixels(w if op == "translate_x" else h, magnitude, negative)
+        return np.array([[1, 0, pixels], [0, 1, 0]] if op == "translate_x" else [[1, 0, 0], [0, 1, pixels]],
+                        np.float64)
+    matrix = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), rotation_degrees(magnitude, negative), 1.0)
+    return cv2.invertAffineTransform(matrix)
+
+
+def _apply(image: np.ndarray, op: str, magnitude: int, negative: bool) -> np.ndarray:
+    if op in GEOMETRIC:
+        return _warp(image, warp_matrix(op, magnitude, negative, *image.shape[:2]))
+    factor = enhance_factor(magnitude, negative)
     if op == "brightness":
         return _blend(image, 0.0, factor)
     if op == "color":
@@ -84,10 +89,10 @@ def _apply(image: np.ndarray, op: str, magnitude: int, negative: bool) -> np.nda
         smooth[0], smooth[-1], smooth[:, 0], smooth[:, -1] = image[0], image[-1], image[:, 0], image[:, -1]
         return _blend(image, smooth, factor)
     if op == "posterize":
-        bits = 8 - int(math.floor(magnitude / ((BINS - 1) / 4) + 0.5))
+        bits = posterize_bits(magnitude)
         return cv2.LUT(image, _IDENTITY & np.uint8((0xFF << (8 - bits)) & 0xFF))
     if op == "solarize":
-        threshold = round(255 * (1.0 - magnitude / (BINS - 1)))
+        threshold = solarize_threshold(magnitude)
         return cv2.LUT(image, np.where(_IDENTITY >= threshold, 255 - _IDENTITY, _IDENTITY).astype(np.uint8))
     if op == "autocontrast":
         return _autocontrast(image)
@@ -96,21 +101,64 @@ def _apply(image: np.ndarray, op: str, magnitude: int, negative: bool) -> np.nda
     return image
 
 
+def draw(layers: int, rnd: random.Random) -> list[tuple[str, bool]]:
+    """RandAugment's choices for one image: `layers` (operation, negative) pairs drawn from `rnd`. Every path that
+    applies them (OpenCV here, torch on an accelerator in pipeline/device_views.py) takes the same list."""
+    ops = []
+    for _ in range(layers):
+        op = OPS[rnd.randrange(len(OPS))]
+        ops.append((op, rnd.random() < 0.5))
+    return ops
+
+
+def check_magnitude(magnitude: int) -> None:
+    if not 0 <= magnitude < BINS:
+        raise ValueError(f"RandAugment magnitude {magnitude} is outside 0..{BINS - 1}")
+
+
 def rand_augment(image: np.ndarray, layers: int, magnitude: int, rnd: random.Random) -> np.ndarray:
     """`layers` operations drawn from `rnd`, each at `magnitude` (0-30), applied to an HxWx3 uint8 image (C-ordered;
     the result may be the input itself)."""
-    if not 0 <= magnitude < BINS:
-        raise ValueError(f"RandAugment magnitude {magnitude} is outside 0..{BINS - 1}")
-    for _ in range(layers):
-        op = OPS[rnd.randrange(len(OPS))]
-        image = _apply(image, op, magnitude, rnd.random() < 0.5)
+    check_magnitude(magnitude)
+    for op, negative in draw(layers, rnd):
+        image = _apply(image, op, magnitude, negative)
     return image
 
 
-def augment_planes(planes: np.ndarray, flip: bool, layers: int, magnitude: int, rnd: random.Random) -> np.ndarray:
-    """A 3xHxW uint8 image (the loader's layout) flipped left-right if asked, then RandAugment'ed; 3xHxW out. The
-    layout changes go through OpenCV's (de)interleaving, 20x faster than a strided numpy copy."""
+def augment_planes(planes: np.ndarray, flip: bool, ops: list[tuple[str, bool]], magnitude: int) -> np.ndarray:
+    """A 3xHxW uint8 image (the loader's layout) flipped left-right if asked, then put through the RandAugment
+    operations `ops` (from `draw`); 3xHxW out. The layout changes go through OpenCV's (de)interleaving, 20x faster
+    than a strided numpy copy."""
+    check_magnitude(magnitude)
     image = cv2.merge([planes[0], planes[1], planes[2]])
     if flip:
         image = cv2.flip(image, 1)
-    return np.stack(cv2.split(rand_augment(image, layers, magnitude, rnd)))
+    for op, negative in ops:
+        image = _apply(image, op, magnitude, negative)
+    return np.stack(cv2.split(image))
+
+
+def translate_pixels(side: int, magnitude: int, negative: bool) -> int:
+    """translate_x/y's shift in whole pixels for an image `side` pixels wide (x) or high (y)."""
+    return int((-1.0 if negative else 1.0) * _scale(150 / 331 * side, magnitude))
+
+
+def shear(magnitude: int, negative: bool) -> float:
+    return (-1.0 if negative else 1.0) * _scale(0.3, magnitude)
+
+
+def rotation_degrees(magnitude: int, negative: bool) -> float:
+    return (-1.0 if negative else 1.0) * _scale(30.0, magnitude)
+
+
+def enhance_factor(magnitude: int, negative: bool) -> float:
+    """brightness, color, contrast and sharpness: the blend factor."""
+    return 1.0 + (-1.0 if negative else 1.0) * _scale(0.9, magnitude)
+
+
+def posterize_bits(magnitude: int) -> int:
+    return 8 - int(math.floor(magnitude / ((BINS - 1) / 4) + 0.5))
+
+
+def solarize_threshold(magnitude: int) -> int:
+    return round(255 * (1.0 - magnitude / (BINS - 1)))

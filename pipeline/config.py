@@ -69,6 +69,10 @@ class DataSpec:
     # fail stops the run, warn logs once per shard, off skips the hash. A mismatch is never a brief fault (those are
     # retried below it): the bytes differ from what was prepared, so the default stops rather than train on them.
     verify: Literal["off", "warn", "fail"] = "fail"
+    # Where training views are made: "cpu" in the loader processes, or "gpu": the loader processes draw each view's
+    # parameters and read the bytes, the trainer's GPU decodes the JPEGs (nvJPEG) and crops, flips, RandAugments and
+    # mixes them (pipeline/device_views.py). Same sample order, parameters and resume either way.
+    decode: Literal["cpu", "gpu"] = "cpu"
 
 
 @dataclass
@@ -202,7 +206,7 @@ class Spec:
         # max_skipped_fraction only decides when to give up: raising it must let a stopped run resume; verify
         # likewise only decides how reads are checked.
         kept["data"] = {k: v for k, v in kept["data"].items()
-                        if k not in ("loader_workers", "max_skipped_fraction", "verify")}
+                        if k not in ("loader_workers", "max_skipped_fraction", "verify", "decode")}
         kept["model"] = {k: v for k, v in kept["model"].items() if k not in ("compile", "activation_checkpointing")}
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -24,7 +24,9 @@ decoded with libjpeg-turbo (simplejpeg) at the smallest DCT scale that still lea
 pixels, so large sources decode at a fraction of the cost.
 Mixup (when > 0) mixes each stream's chunk of a batch with itself reversed, with lam ~ Beta(a, a) from
 rng(seed, e, b, c); targets (one-hot or multi-hot) are mixed alike. The bits do not depend on where a sample is
-computed (main or loader process, any number of torch threads).
+computed (main or loader process, any number of torch threads). With `decode="gpu"` the loader processes draw the
+same parameters (`draw_view`) and hand over the JPEG bytes; `TrainStream` makes the views on its device
+(pipeline/device_views.py).
 
 Bad samples. A sample whose members break the shard format, whose image header cannot be read, that is not a JPEG
 or PNG, that has more than MAX_IMAGE_PIXELS pixels (a decompression bomb), or whose image does not decode, is
@@ -72,12 +74,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms.v2 import functional as F
 
-from pipeline import storage
-from pipeline.augment import augment_planes
+from pipeline import augment, device_views, storage
 from pipeline.config import SpecError, check_stream_layout
 from pipeline.dataset_json import DatasetError, DatasetInfo, Shard, Split
 from pipeline.dataset_json import load as load_dataset
 from pipeline.shard_format import decode_sample, split_member
+from pipeline.views import Encoded, View
 
 WINDOW = 4  # consecutive pieces of a stream shuffled together
 ORDER_VERSION = 1  # bump when the order scheme changes: old stream states then refuse to load
@@ -109,6 +111,9 @@ class StreamConfig:
     randaug_magnitude: int = 0
     mixup: float = 0.0
     loader_workers: int = 0
+    # "gpu": loader processes draw each view's parameters and ship the JPEG bytes; the trainer's device decodes and
+    # augments them (pipeline/device_views.py). Same order, parameters and resume as "cpu".
+    decode: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -151,15 +156,17 @@ class _Sample:
 
 @dataclass
 class _Chunk:
-    """What a loader process hands to the main process: uint8 images (4x less to copy than float)."""
+    """What a loader process hands to the main process: uint8 images (4x less to copy than float), or with
+    data.decode: gpu the encoded views."""
 
-    images: torch.Tensor
+    images: torch.Tensor | None
     labels: list[tuple[int, ...]]
     keys: list[str]
     epoch: int = 0
     batch: int = 0
     first_stream: int = 0
     skipped: list[SkippedSample] = field(default_factory=list)
+    encoded: list[Encoded] = field(default_factory=list)
 
 
 def check_dataset(url: str) -> DatasetInfo:
@@ -399,6 +406,9 @@ def _make_sample(url: str, key: str, files: dict[str, bytes], info: DatasetInfo)
 
 # What PIL raises on damaged JPEG or PNG bytes (its plugins are not uniform); anything else is a bug of ours.
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
+# JPEGs the device's decoder (nvJPEG through torchvision) takes; CMYK and others are cropped on the CPU.
+_DEVICE_COLORSPACES = ("Gray", "YCbCr", "RGB")
+_JPEG_END = b"\xff\xd9"
 
 
 def _check_pixels(sample: _Sample, h: int, w: int) -> None:
@@ -424,16 +434,23 @@ def _open_image(sample: _Sample) -> Image.Image:
     return image
 
 
-def _image_size(sample: _Sample) -> tuple[int, int]:
-    """(height, width) from the header alone; BadSampleError for a sample that cannot be used."""
+def _header(sample: _Sample) -> tuple[int, int, bool]:
+    """(height, width, whether libjpeg-turbo reads it) from the header alone; BadSampleError for a sample that
+    cannot be used."""
     if sample.problem is not None:
         raise BadSampleError(sample, sample.problem)
     try:
-        h, w, _, _ = simplejpeg.decode_jpeg_header(sample.image)
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(sample.image)
     except ValueError:
         image = _open_image(sample)
-        return image.height, image.width
+        return image.height, image.width, False
     _check_pixels(sample, h, w)
+    return h, w, colorspace in _DEVICE_COLORSPACES
+
+
+def _image_size(sample: _Sample) -> tuple[int, int]:
+    """(height, width) from the header alone; BadSampleError for a sample that cannot be used."""
+    h, w, _ = _header(sample)
     return h, w
 
 
@@ -473,25 +490,52 @@ def _crop_box(h: int, w: int, scale: tuple[float, float], rnd: random.Random) ->
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def _train_image(sample: _Sample, cfg: StreamConfig, seed: int) -> torch.Tensor:
+def draw_view(h: int, w: int, cfg: StreamConfig, seed: int) -> View:
+    """The view of an h x w image with this per-sample seed: crop box, flip, then RandAugment's operations from a
+    seed of their own."""
     rnd = random.Random(seed)
-    size = cfg.image_size
-    h, w = _image_size(sample)
     top, left, ch, cw = _crop_box(h, w, cfg.crop_scale, rnd)
     flip = rnd.random() < 0.5
     aug_seed = rnd.getrandbits(63)
+    ops = tuple(augment.draw(cfg.randaug_layers, random.Random(aug_seed))) if cfg.randaug_layers > 0 else ()
+    return View(h, w, top, left, ch, cw, cfg.flip and flip, ops)
+
+
+def _crop(sample: _Sample, view: View, size: int) -> torch.Tensor:
+    """The view's box resized to size x size, uint8 [3, size, size], not yet flipped or augmented."""
+    h, w = view.height, view.width
+    top, left, ch, cw = view.top, view.left, view.crop_height, view.crop_width
     image = _decode(sample, math.ceil(size * h / ch), math.ceil(size * w / cw))
     dh, dw = image.shape[1:]
     if (dh, dw) != (h, w):  # decoded at a reduced scale: the same box in its coordinates
         top, left = min(round(top * dh / h), dh - 1), min(round(left * dw / w), dw - 1)
         ch, cw = max(1, min(dh - top, round(ch * dh / h))), max(1, min(dw - left, round(cw * dw / w)))
-    image = F.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
+    return F.resized_crop(image, top, left, ch, cw, [size, size], antialias=True)
+
+
+def _train_image(sample: _Sample, cfg: StreamConfig, seed: int) -> torch.Tensor:
+    h, w = _image_size(sample)
+    view = draw_view(h, w, cfg, seed)
+    image = _crop(sample, view, cfg.image_size)
     if cfg.randaug_layers > 0:
-        return torch.from_numpy(augment_planes(image.contiguous().numpy(), cfg.flip and flip, cfg.randaug_layers,
-                                               cfg.randaug_magnitude, random.Random(aug_seed)))
-    if cfg.flip and flip:
+        return torch.from_numpy(augment.augment_planes(image.contiguous().numpy(), view.flip, list(view.ops),
+                                                       cfg.randaug_magnitude))
+    if view.flip:
         image = image.flip(-1)
     return image.contiguous()
+
+
+def _encoded_view(sample: _Sample, cfg: StreamConfig, seed: int) -> Encoded:
+    """data.decode: gpu: the view's parameters, drawn as `_train_image` draws them, and what the device needs."""
+    h, w, device_reads = _header(sample)
+    view = draw_view(h, w, cfg, seed)
+    if device_reads:
+        # The device decodes whole batches and cannot skip one sample, so the commonest damage, a cut-off file
+        # (which the CPU path's decode refuses), is refused here; see device_views for the rest.
+        if not sample.image.endswith(_JPEG_END):
+            raise BadSampleError(sample, "the JPEG is cut off (it does not end with the end-of-image marker)")
+        return Encoded(view, sample.key, sample.shard_url, jpeg=sample.image)
+    return Encoded(view, sample.key, sample.shard_url, cropped=_crop(sample, view, cfg.image_size).contiguous())
 
 
 def _eval_image(sample: _Sample, image_size: int, resize: int) -> torch.Tensor:
@@ -582,18 +626,20 @@ class _StreamCursor:
         self._source = _stream_samples(info, split, self.windows, start)
         self._ahead: deque[_Sample] = deque()  # read past `position` while looking for a replacement
 
-    def take(self) -> tuple[torch.Tensor, _Sample, SkippedSample | None]:
-        """The next position's image, the sample it shows, and the bad sample that was there (None if good)."""
+    def take(self) -> tuple[torch.Tensor | Encoded, _Sample, SkippedSample | None]:
+        """The next position's image (data.decode: gpu, its encoded view), the sample it shows, and the bad sample
+        that was there (None if good)."""
         i, sample = self.position, self._ahead.popleft() if self._ahead else next(self._source)
         self.position += 1
         seed = _seed(_SAMPLE, self.cfg.seed, self.epoch, self.stream, i)
+        make = _encoded_view if self.cfg.decode == "gpu" else _train_image
         try:
-            return _train_image(sample, self.cfg, seed), sample, None
+            return make(sample, self.cfg, seed), sample, None
         except BadSampleError as e:
             skipped = SkippedSample(sample.key, sample.shard_url, e.reason, self.epoch, self.stream, i)
         for candidate in self._replacements(i):
             try:
-                return _train_image(candidate, self.cfg, seed), candidate, skipped
+                return make(candidate, self.cfg, seed), candidate, skipped
             except BadSampleError:
                 continue
         raise DatasetError(f"{self.info.url}: no sample of stream {self.stream} in epoch {self.epoch} can be used "
@@ -628,8 +674,9 @@ def _produce_train(info: DatasetInfo, cfg: StreamConfig, streams: range, epoch: 
                     samples.append(sample)
                     if bad is not None:
                         skipped.append(bad)
-            yield _Chunk(torch.stack(images), [s.labels for s in samples], [s.key for s in samples], epoch, b,
-                         streams.start, skipped)
+            on_device = cfg.decode == "gpu"
+            yield _Chunk(None if on_device else torch.stack(images), [s.labels for s in samples],
+                         [s.key for s in samples], epoch, b, streams.start, skipped, images if on_device else [])
         epoch, batch = epoch + 1, 0
 
 
@@ -673,7 +720,9 @@ def keep_freed_image_buffers() -> None:
 class TrainStream:
     """This rank's share of the global batch sequence, epoch after epoch, resumable with state_dict()."""
 
-    def __init__(self, info: DatasetInfo, cfg: StreamConfig, rank: int, world_size: int):
+    def __init__(self, info: DatasetInfo, cfg: StreamConfig, rank: int, world_size: int,
+                 device: torch.device | None = None):
+        """`device`: where data.decode: gpu makes the views (the trainer's device); the batch's images are on it."""
         keep_freed_image_buffers()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside the world of size {world_size}")
@@ -681,7 +730,7 @@ class TrainStream:
         check_split(info, cfg.split, cfg.streams, cfg.global_batch)
         split = info.split(cfg.split)
         self.batches_per_epoch = batches_per_epoch(split.samples, cfg.streams, cfg.global_batch)
-        self.info, self.cfg = info, cfg
+        self.info, self.cfg, self.device = info, cfg, device or torch.device("cpu")
         per_rank = cfg.streams // world_size
         self.streams = range(rank * per_rank, (rank + 1) * per_rank)
         self.epoch, self.batch = 0, 0
@@ -719,13 +768,17 @@ class TrainStream:
     def _assemble(self, chunks: list[_Chunk]) -> Batch:
         labels = [label for c in chunks for label in c.labels]
         targets = _targets(labels, self.info.num_classes)
-        if self.cfg.mixup <= 0:
-            images = _to_float([c.images for c in chunks])
-        else:
-            per_stream = self.cfg.global_batch // self.cfg.streams
-            lams = [float(_rng(_MIXUP, self.cfg.seed, self.epoch, self.batch, c).beta(self.cfg.mixup, self.cfg.mixup))
-                    for c in self.streams]
+        per_stream = self.cfg.global_batch // self.cfg.streams
+        lams = [float(_rng(_MIXUP, self.cfg.seed, self.epoch, self.batch, c).beta(self.cfg.mixup, self.cfg.mixup))
+                for c in self.streams] if self.cfg.mixup > 0 else []
+        if self.cfg.decode == "gpu":
+            images = device_views.make_batch([e for c in chunks for e in c.encoded], self.cfg.image_size,
+                                             self.cfg.randaug_magnitude, lams, per_stream, self.device)
+        elif lams:
             images = _mixed_float([c.images for c in chunks], lams, per_stream)
+        else:
+            images = _to_float([c.images for c in chunks])
+        if lams:
             for j, lam in enumerate(lams):
                 rows = slice(j * per_stream, (j + 1) * per_stream)
                 part = targets[rows]

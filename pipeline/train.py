@@ -168,7 +168,10 @@ def build(spec: Spec) -> Parts:
     else:
         torch.set_num_threads(max(1, spec.cluster.cpus_per_worker))
     info = data.check_dataset(spec.data.dataset)
-    stream = data.TrainStream(info, stream_config(spec), rank, world_size)
+    if spec.data.decode == "gpu" and not on_gpu and rank == 0:
+        log.warning("data.decode: gpu but this worker has no GPU: the views are made on the CPU by the device path "
+                    "(correct, and slower than data.decode: cpu)")
+    stream = data.TrainStream(info, stream_config(spec), rank, world_size, device)
     shape = optim.step_shape(spec, world_size, stream.batches_per_epoch)
     seed_everything(spec.seed, 0, rank)
     net = build_model(spec, spec.model.num_classes or info.num_classes)
@@ -436,7 +439,7 @@ def stream_config(spec: Spec) -> data.StreamConfig:
         split=d.train_split, seed=spec.seed, global_batch=spec.batch.global_, streams=d.streams,
         image_size=spec.model.image_size, crop_scale=d.crop_scale, flip=d.flip,
         randaug_layers=d.randaug.layers, randaug_magnitude=d.randaug.magnitude, mixup=d.mixup,
-        loader_workers=d.loader_workers,
+        loader_workers=d.loader_workers, decode=d.decode,
     )
 
 
