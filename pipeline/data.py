@@ -67,6 +67,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import simplejpeg
 import torch
@@ -87,7 +88,8 @@ ORDER_VERSION = 1  # bump when the order scheme changes: old stream states then 
 # resume.
 # 2: RandAugment in OpenCV's kernels (pipeline/augment.py) instead of torchvision's v2.RandAugment; mixup fused
 # into the float conversion (other rounding).
-AUGMENT_VERSION = 2
+# 3: mixup's weighted sum in one pass of OpenCV's addWeighted (other float32 rounding).
+AUGMENT_VERSION = 3
 # Above this an image is refused unread: a few KB of PNG or JPEG can claim enough pixels to exhaust memory.
 MAX_IMAGE_PIXELS = 8192 * 8192
 _IMAGE_FORMATS = ["JPEG", "PNG"]  # what `mixer prepare` writes; PIL tries no other decoder on a shard's bytes
@@ -167,6 +169,13 @@ class _Chunk:
     first_stream: int = 0
     skipped: list[SkippedSample] = field(default_factory=list)
     encoded: list[Encoded] = field(default_factory=list)
+
+    def pin_memory(self) -> _Chunk:
+        """The DataLoader's pinning thread calls this (pin_memory=True, on a GPU): the copy to the device is then
+        asynchronous."""
+        if self.images is not None:
+            self.images = self.images.pin_memory()
+        return self
 
 
 def check_dataset(url: str) -> DatasetInfo:
@@ -586,17 +595,28 @@ def eval_views(info: DatasetInfo, shard: Shard, wanted: set[int] | None, image_s
 
 def _mixed_float(chunks: Sequence[torch.Tensor], lams: list[float], per_stream: int) -> torch.Tensor:
     """Mixup fused into the float conversion: each stream's run of `per_stream` uint8 images x mixed with itself
-    reversed, lam * x + (1 - lam) * x[::-1], then scaled to [-1, 1], in three passes over the batch."""
+    reversed, lam * x + (1 - lam) * x[::-1], scaled to [-1, 1]: one pass of OpenCV's addWeighted an image (float32
+    out), then the clip."""
     x = np.concatenate([c.numpy() for c in chunks]) if len(chunks) > 1 else chunks[0].numpy()
     out = np.empty(x.shape, dtype=np.float32)
+    rows = x.shape[1] * x.shape[2] if x.ndim == 4 else x.shape[1]
     for j, lam in enumerate(lams):
-        rows = slice(j * per_stream, (j + 1) * per_stream)
-        part = x[rows]
-        np.multiply(part, np.float32(lam / 127.5), out=out[rows], dtype=np.float32)
-        out[rows] += part[::-1] * np.float32((1 - lam) / 127.5)
-    out -= 1.0
+        for i in range(per_stream):
+            a, b = j * per_stream + i, (j + 1) * per_stream - 1 - i
+            cv2.addWeighted(x[a].reshape(rows, -1), lam / 127.5, x[b].reshape(rows, -1), (1 - lam) / 127.5, -1.0,
+                            dst=out[a].reshape(rows, -1), dtype=cv2.CV_32F)
     np.clip(out, -1.0, 1.0, out=out)
     return torch.from_numpy(out)
+
+
+def _on_device(chunks: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The chunks' uint8 images in one tensor on `device`, copied chunk by chunk (asynchronous from pinned memory)."""
+    out = torch.empty((sum(len(c) for c in chunks), *chunks[0].shape[1:]), dtype=torch.uint8, device=device)
+    start = 0
+    for c in chunks:
+        out[start:start + len(c)].copy_(c, non_blocking=True)
+        start += len(c)
+    return out
 
 
 def _targets(labels: Sequence[tuple[int, ...]], num_classes: int) -> torch.Tensor:
@@ -762,7 +782,7 @@ class TrainStream:
         source = _TrainSource(self.info, self.cfg, self.streams, self.epoch, self.batch)
         # An own generator: the DataLoader would otherwise draw its base seed from the trainer's global RNG.
         loader = DataLoader(source, batch_size=None, num_workers=self.cfg.loader_workers,
-                            generator=torch.Generator().manual_seed(0))
+                            generator=torch.Generator().manual_seed(0), pin_memory=self.device.type == "cuda")
         return iter(loader)
 
     def _assemble(self, chunks: list[_Chunk]) -> Batch:
@@ -774,6 +794,10 @@ class TrainStream:
         if self.cfg.decode == "gpu":
             images = device_views.make_batch([e for c in chunks for e in c.encoded], self.cfg.image_size,
                                              self.cfg.randaug_magnitude, lams, per_stream, self.device)
+        elif self.device.type != "cpu":
+            # uint8 over the bus (4x less than float) and the conversion there: on the trainer's CPU it costs about
+            # 0.5 ms an image, a whole step's time at B/16's batch on one GPU.
+            images = device_views.to_float(_on_device([c.images for c in chunks], self.device), lams, per_stream)
         elif lams:
             images = _mixed_float([c.images for c in chunks], lams, per_stream)
         else:

@@ -314,3 +314,22 @@ def test_the_stream_layout_is_the_specs_rule_and_the_split_size_the_datasets(dat
         data.check_split(dataset, "train", 4, 152)
     with pytest.raises(DatasetError, match=r"no split 'test'"):
         data.check_split(dataset, "test", 4, 16)
+
+
+def test_mixup_mixes_each_streams_run_with_itself_reversed_on_either_path():
+    """lam * x + (1 - lam) * x reversed within each stream's run, scaled to [-1, 1]: the loader's (numpy and OpenCV)
+    and the device's (torch) conversion, against the formula in float64."""
+    from pipeline import device_views
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (12, 3, 8, 10), dtype=np.uint8)
+    lams, per_stream = [0.3, 0.9, 0.55], 4
+    runs = x.reshape(3, 4, 3, 8, 10).astype(np.float64)
+    lam = np.repeat(lams, 4)[:, None, None, None]
+    want = (lam * runs.reshape(x.shape) + (1 - lam) * runs[:, ::-1].reshape(x.shape)) / 127.5 - 1
+    chunks = [torch.from_numpy(x[:4]), torch.from_numpy(x[4:])]  # two loader processes' chunks
+    for got in (data._mixed_float(chunks, lams, per_stream),
+                device_views.to_float(torch.from_numpy(x), lams, per_stream)):
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        assert np.abs(got.numpy() - want).max() < 1e-6
+        assert got.min() >= -1 and got.max() <= 1
