@@ -56,7 +56,7 @@ def spec_for(args: argparse.Namespace, dataset: str, run_url: str, on_gpu: bool,
         "optim": {"lr": 1e-3, "weight_decay": 0.1, "clip_grad_norm": 1.0},
         "schedule": {"warmup_steps": 1, "total_steps": args.warmup + args.steps},
         "batch": {"global": args.batch, "micro": args.batch},
-        "deepspeed": {"zero_stage": 1, "bf16": on_gpu},
+        "deepspeed": {"zero_stage": args.zero_stage, "bf16": on_gpu},
         "cluster": {"workers": 1, "gpus_per_worker": int(on_gpu), "cpus_per_worker": os.cpu_count() or 1},
         "checkpoint": {"every_steps": 0},
         "run": {"url": run_url},
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
                         help="data.decode: views made in the loader processes, or on the device (nvJPEG)")
+    parser.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=1)
     parser.add_argument("--knobs", action="store_true",
                         help="also run each knob of the lean engine step turned back, one at a time (see KNOBS)")
     args = parser.parse_args(argv)

@@ -88,6 +88,7 @@ class ResourcePlan:
     bytes_per_param: BytesPerParam
     stages: list[StageMemory]  # ZeRO 1, 2, 3
     this_spec: StageMemory  # the spec's own ZeRO stage
+    unpartitioned: StageMemory  # ZeRO-0: every GPU holds all the model states
     train_samples: int | None
     steps: int | None  # None: the train split size is unknown
     unknown_steps_reason: str
@@ -191,7 +192,7 @@ def plan_resources(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib
     acts = activation_bytes(cfg, spec.model.image_size, classes, spec.batch.micro, element, False)
     acts_ckpt = activation_bytes(cfg, spec.model.image_size, classes, spec.batch.micro, element, True)
     stages = [stage_memory(z, n, bpp, gpus, spec.deepspeed.offload_optimizer, acts, acts_ckpt)
-              for z in (1, 2, 3, spec.deepspeed.zero_stage)]
+              for z in (1, 2, 3, spec.deepspeed.zero_stage, 0)]
 
     if s.total_steps is not None:
         steps, samples = s.total_steps, train_samples
@@ -210,7 +211,7 @@ def plan_resources(spec: Spec, gpus: int, *, spec_path: str = "", gpu_memory_gib
     return ResourcePlan(
         spec_path=spec_path, variant=spec.model.variant, image_size=spec.model.image_size, num_classes=classes,
         num_params=n, gpus=gpus, micro_batch=spec.batch.micro, global_batch=spec.batch.global_,
-        bytes_per_param=bpp, stages=stages[:3], this_spec=stages[3],
+        bytes_per_param=bpp, stages=stages[:3], this_spec=stages[3], unpartitioned=stages[4],
         train_samples=samples, steps=steps, unknown_steps_reason=unreadable,
         checkpoint_bytes=checkpoint_bytes, export_bytes=4 * n,
         images_per_s_per_gpu=images_per_s_per_gpu, gpu_memory_gib=gpu_memory_gib,
@@ -229,6 +230,18 @@ def _fit(total: float, gpu_memory_gib: float | None) -> str:
     if total > TIGHT_FRACTION * gpu_memory_gib * GiB:
         return "tight"
     return "fits"
+
+
+def _unpartitioned_line(plan: ResourcePlan, ckpt: bool) -> str:
+    """ZeRO partitions the model states only to save memory, and each stage adds collectives to a step: say what
+    no partitioning would take, so that a model whose states fit is not partitioned for nothing."""
+    whole = plan.unpartitioned
+    line = (f"without partitioning (ZeRO-0) the model states take {_gib(whole.model_states)} GiB per GPU, "
+            f"{_gib(whole.total(ckpt))} GiB in all")
+    if plan.gpu_memory_gib is None or whole.total(ckpt) > TIGHT_FRACTION * plan.gpu_memory_gib * GiB:
+        return line
+    return (f"{line}: that fits, so ZeRO saves memory this run does not need; measure ZeRO-0/1 against the spec's "
+            "stage with bench/train_e2e.py before a long run (its per-step collectives are the cost)")
 
 
 def render(plan: ResourcePlan, spec: Spec) -> str:
@@ -260,6 +273,7 @@ def render(plan: ResourcePlan, spec: Spec) -> str:
     lines.append(f"this spec: ZeRO-{spec.deepspeed.zero_stage}, activation checkpointing "
                  f"{'on' if ckpt else 'off'}: {_gib(chosen.total(ckpt))} GiB per GPU "
                  f"{_fit(chosen.total(ckpt), plan.gpu_memory_gib)}".rstrip())
+    lines.append(_unpartitioned_line(plan, ckpt))
     lines.append("")
     s = spec.schedule
     if s.total_steps is not None:

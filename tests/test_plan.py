@@ -130,3 +130,17 @@ def test_unreachable_dataset_says_which_option_to_pass(tmp_path, capsys):
     assert main(["plan", H14, "--gpus", "8", "--num-classes", "10", "--set", f"data.dataset={tmp_path}/x"]) == 0
     out = capsys.readouterr().out
     assert "memory per GPU" in out and "steps: unknown: " in out and "pass --train-samples N" in out
+
+
+def test_a_model_whose_whole_states_fit_is_told_that_zero_only_saves_memory(capsys):
+    """Mixer-H/14's whole model states (16 bytes x 454M parameters) are 6.8 GiB: on an 80 GiB card the plan says
+    partitioning buys nothing it needs; on a 16 GiB one (with the activations) it does not."""
+    p = plan.plan_resources(config.load(H14), 64, train_samples=10**6, num_classes=JFT_CLASSES)
+    assert p.unpartitioned.model_states == p.num_params * 16
+    assert p.unpartitioned.params == p.num_params * 2 and p.unpartitioned.optimizer == p.num_params * 12
+    for memory, told in (("80", True), ("16", False)):
+        assert main(["plan", H14, "--gpus", "64", "--gpu-memory", memory, "--train-samples", "1000000",
+                     "--num-classes", str(JFT_CLASSES)]) == 0
+        out = capsys.readouterr().out
+        assert "without partitioning (ZeRO-0) the model states take 6.77 GiB per GPU" in out
+        assert ("that fits, so ZeRO saves memory this run does not need" in out) is told
