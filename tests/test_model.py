@@ -154,6 +154,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
     torch.testing.assert_close(grads[0], grads[1])
 
 
+def test_compiled_with_activation_checkpointing_gives_the_same_gradients():
+    """What model.compile with activation checkpointing hands torch.compile traces through the non-reentrant
+    checkpoint (aot_eager: the graphs without inductor's code generation, which the GPU specs add)."""
+    import torch._dynamo
+
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    grads = []
+    for flag, compiled in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        model = randomize_(build("tiny", num_classes=10, image_size=32, activation_checkpointing=flag))
+        model.train()
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        run(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    torch._dynamo.reset()
+    for eager, compiled in zip(*grads, strict=True):
+        torch.testing.assert_close(eager, compiled)
+
+
 def test_expanded_model_averages_the_tiles():
     k = 2
     model = randomize_(build("tiny", num_classes=10, image_size=32)).double().eval()
