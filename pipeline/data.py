@@ -417,7 +417,7 @@ def _make_sample(url: str, key: str, files: dict[str, bytes], info: DatasetInfo)
 _PIL_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error)
 # JPEGs the device's decoder (nvJPEG through torchvision) takes; CMYK and others are cropped on the CPU.
 _DEVICE_COLORSPACES = ("Gray", "YCbCr", "RGB")
-_JPEG_END = b"\xff\xd9"
+_JPEG_SCAN, _JPEG_END = b"\xff\xda", b"\xff\xd9"
 
 
 def _check_pixels(sample: _Sample, h: int, w: int) -> None:
@@ -540,9 +540,12 @@ def _encoded_view(sample: _Sample, cfg: StreamConfig, seed: int) -> Encoded:
     view = draw_view(h, w, cfg, seed)
     if device_reads:
         # The device decodes whole batches and cannot skip one sample, so the commonest damage, a cut-off file
-        # (which the CPU path's decode refuses), is refused here; see device_views for the rest.
-        if not sample.image.endswith(_JPEG_END):
-            raise BadSampleError(sample, "the JPEG is cut off (it does not end with the end-of-image marker)")
+        # (which the CPU path's decode refuses), is refused here: no end-of-image marker after the scan starts (in
+        # the entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker). Bytes appended after
+        # the marker, as some cameras write, are fine. See device_views for the rest.
+        scan = sample.image.find(_JPEG_SCAN)
+        if scan < 0 or sample.image.find(_JPEG_END, scan) < 0:
+            raise BadSampleError(sample, "the JPEG is cut off (no end-of-image marker after its scan)")
         return Encoded(view, sample.key, sample.shard_url, jpeg=sample.image)
     return Encoded(view, sample.key, sample.shard_url, cropped=_crop(sample, view, cfg.image_size).contiguous())
 

@@ -120,6 +120,8 @@ def test_pngs_and_cmyk_jpegs_are_cropped_on_the_cpu_and_cut_off_jpegs_refused():
         assert encoded.jpeg is None and encoded.cropped.shape == (3, 16, 16)
     whole = data._encoded_view(data._Sample("k", _jpeg(), (0,), "mem://ds/a.tar"), cfg, 7)
     assert whole.jpeg is not None and whole.cropped is None
+    appended = _jpeg() + b"\x00trailer written by a camera"  # after the end-of-image marker: still whole
+    assert data._encoded_view(data._Sample("k", appended, (0,), "mem://ds/a.tar"), cfg, 7).jpeg == appended
     with pytest.raises(data.BadSampleError, match="cut off"):
         data._encoded_view(data._Sample("k", _jpeg()[:-40], (0,), "mem://ds/a.tar"), cfg, 7)
 
