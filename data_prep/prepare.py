@@ -207,12 +207,10 @@ def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions, referenc
     start_over = (f"Re-run with the earlier options to finish that run, or choose another DEST, or delete "
                   f"{dest} to start over.")
     # An option a record lacks was written by a release without it, whose runs all had its default.
-    defaults = json.loads(json.dumps(asdict(PrepareOptions())))
-    changed = [k for k in record if k not in ("inputs", "shards", "plan_sha256")
-               and previous.get(k, defaults.get(k)) != record[k]]
+    earlier = {**json.loads(json.dumps(asdict(PrepareOptions()))), **previous}
+    changed = [k for k in record if k not in ("inputs", "shards", "plan_sha256") and earlier.get(k) != record[k]]
     if changed:
-        said = "; ".join(f"{'--' + k.replace('_', '-') if k != 'source' else 'SOURCE'} was "
-                         f"{previous.get(k, defaults.get(k))!r}, "
+        said = "; ".join(f"{'--' + k.replace('_', '-') if k != 'source' else 'SOURCE'} was {earlier.get(k)!r}, "
                          f"now {record[k]!r}" for k in changed)
         raise PrepareError(f"{dest} holds a run made with other options ({said}). {start_over}")
     if previous.get("plan_sha256") != plan.digest:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 
 import cv2
 import numpy as np
@@ -104,11 +105,7 @@ def _apply(image: np.ndarray, op: str, magnitude: int, negative: bool) -> np.nda
 def draw(layers: int, rnd: random.Random) -> list[tuple[str, bool]]:
     """RandAugment's choices for one image: `layers` (operation, negative) pairs drawn from `rnd`. Every path that
     applies them (OpenCV here, torch on an accelerator in pipeline/device_views.py) takes the same list."""
-    ops = []
-    for _ in range(layers):
-        op = OPS[rnd.randrange(len(OPS))]
-        ops.append((op, rnd.random() < 0.5))
-    return ops
+    return [(OPS[rnd.randrange(len(OPS))], rnd.random() < 0.5) for _ in range(layers)]
 
 
 def check_magnitude(magnitude: int) -> None:
@@ -125,7 +122,7 @@ def rand_augment(image: np.ndarray, layers: int, magnitude: int, rnd: random.Ran
     return image
 
 
-def augment_planes(planes: np.ndarray, flip: bool, ops: list[tuple[str, bool]], magnitude: int) -> np.ndarray:
+def augment_planes(planes: np.ndarray, flip: bool, ops: Sequence[tuple[str, bool]], magnitude: int) -> np.ndarray:
     """A 3xHxW uint8 image (the loader's layout) flipped left-right if asked, then put through the RandAugment
     operations `ops` (from `draw`); 3xHxW out. The layout changes go through OpenCV's (de)interleaving, 20x faster
     than a strided numpy copy."""

@@ -527,7 +527,7 @@ def _train_image(sample: _Sample, cfg: StreamConfig, seed: int) -> torch.Tensor:
     view = draw_view(h, w, cfg, seed)
     image = _crop(sample, view, cfg.image_size)
     if cfg.randaug_layers > 0:
-        return torch.from_numpy(augment.augment_planes(image.contiguous().numpy(), view.flip, list(view.ops),
+        return torch.from_numpy(augment.augment_planes(image.contiguous().numpy(), view.flip, view.ops,
                                                        cfg.randaug_magnitude))
     if view.flip:
         image = image.flip(-1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
@@ -118,7 +119,7 @@ def apply(x: torch.Tensor, op: str, magnitude: int, negative: bool) -> torch.Ten
     return x
 
 
-def warp(x: torch.Tensor, matrix) -> torch.Tensor:
+def warp(x: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
     """cv2.warpAffine(WARP_INVERSE_MAP, INTER_NEAREST, black border): output pixel (u, v) takes input pixel
     matrix @ (u, v, 1), located in OpenCV's fixed point (1/1024 pixel, rounded half to even, then +1/2 and floor)."""
     n, c, h, w = x.shape

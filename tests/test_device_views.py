@@ -14,7 +14,7 @@ from PIL import Image
 from pipeline import augment, data, device_views
 from pipeline.dataset_json import DatasetError
 from tests.test_augment import picture
-from tests.test_bad_samples import bad_dataset, config_, stream_keys  # noqa: F401  (a fixture, shared)
+from tests.test_bad_samples import bad_dataset, config_  # noqa: F401  (a fixture, shared)
 
 # Rounded the same way up to float32's order of operations: at most 1 apart, on a few pixels.
 NEAR = {"color", "sharpness"}

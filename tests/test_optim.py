@@ -193,17 +193,22 @@ def test_the_lean_knobs_reach_deepspeed_and_can_be_turned_back(stage):
     assert stock["bf16"]["check_grad_overflow"] is True
 
 
-def test_the_clipping_norm_dtype_follows_the_knob():
+def test_the_clipping_norm_dtype_follows_the_knob(monkeypatch):
+    """build_engine sets the ZeRO optimizers' norm dtype from deepspeed.fp32_grad_norm before DeepSpeed builds them
+    (`deepspeed.initialize` stands in here: the engine itself needs a process group)."""
+    import deepspeed
     import deepspeed.runtime.zero.stage3 as stage3
     import deepspeed.runtime.zero.stage_1_and_2 as stage12
 
-    from pipeline import deepspeed_compat
+    from pipeline import deepspeed_compat, optim
 
+    seen = []
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: seen.append(stage12.get_norm_dtype()) or (None,) * 4)
+    net = model.build("tiny", num_classes=10, image_size=32)
     try:
-        deepspeed_compat.grad_norm_in_fp32(True)
-        assert stage12.get_norm_dtype() == stage3.get_norm_dtype() == torch.float32
-        deepspeed_compat.grad_norm_in_fp32(False)
-        assert stage12.get_norm_dtype() == stage3.get_norm_dtype() == torch.float64  # DeepSpeed's own
+        for fp32, dtype in ((True, torch.float32), (False, torch.float64)):  # float64: DeepSpeed's own
+            optim.build_engine(make_spec(deepspeed={"fp32_grad_norm": fp32}), net, StepShape(60, 10, 8), False)
+            assert seen[-1] == stage12.get_norm_dtype() == stage3.get_norm_dtype() == dtype
     finally:
         deepspeed_compat.grad_norm_in_fp32(True)
 
