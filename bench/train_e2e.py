@@ -50,7 +50,8 @@ KNOBS = {
 def spec_for(args: argparse.Namespace, dataset: str, run_url: str, on_gpu: bool,
              knob: dict | None = None) -> config.Spec:
     raw = {
-        "model": {"variant": args.variant, "image_size": args.image_size, "compile": on_gpu and not args.eager},
+        "model": {"variant": args.variant, "image_size": args.image_size, "compile": on_gpu and not args.eager,
+                  "activation_checkpointing": args.activation_checkpointing},
         "data": {"dataset": dataset, "eval_split": None, "streams": 8, "loader_workers": args.loader_workers,
                  "randaug": {"layers": 2, "magnitude": 15}, "mixup": 0.5, "decode": args.decode},
         "optim": {"lr": 1e-3, "weight_decay": 0.1, "clip_grad_norm": 1.0},
@@ -130,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10 if on_gpu else 3)
     parser.add_argument("--loader-workers", type=int, default=min(10, os.cpu_count() or 1) if on_gpu else 2)
     parser.add_argument("--images", type=int, default=None, help="generated JPEGs (default: enough for the run)")
+    parser.add_argument("--distinct", type=int, default=1000,
+                        help="distinct pictures among the generated JPEGs (each takes 10 ms to draw)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="model.activation_checkpointing in the trainer (the bare step keeps its activations)")
     parser.add_argument("--eager", action="store_true", help="no torch.compile on a GPU")
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument("--decode", choices=["cpu", "gpu"], default="cpu",
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     _world_of_one()
     device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as root:
-        info = write_images(root, images)
+        info = write_images(root, images, distinct=args.distinct)
         spec = spec_for(args, info.url, os.path.join(root, "run"), on_gpu)
         e2e = end_to_end(spec, args.warmup, args.steps)
         knobs = {}
@@ -171,6 +176,7 @@ def report(args: argparse.Namespace, spec: config.Spec, e2e: dict[str, float], a
               "unit": "images/s", "ratio": round(ratio, 4), "data_wait": round(e2e["data_wait"], 4),
               "variant": args.variant, "image_size": args.image_size, "batch": args.batch,
               "loader_workers": args.loader_workers, "decode": args.decode,
+              "activation_checkpointing": args.activation_checkpointing,
               "device": torch.cuda.get_device_name(0) if on_gpu else "cpu"}
     peak = e2e["peak"]
     if peak:
