@@ -11,7 +11,9 @@
 # Without a CUDA device it runs the tiny variant on CPU instead. Installs nothing.
 #
 # Then bench/train_e2e.py (E2E=0 skips it): the trainer end to end per variant in E2E_VARIANTS (B/16,L/16), views
-# made on the CPU and on the device, each row stopped after E2E_LIMIT (240) seconds; $OUT/e2e-*.json.
+# made on the device (8 loader processes) and on the CPU (10), each row stopped after E2E_LIMIT (240) seconds;
+# $OUT/e2e-*.json. MODEL=0 skips bench/model.py. On a device image without DeepSpeed, carry it as wheels (see
+# bench/RESULTS.md); its FusedAdam is built on the first engine (30 s).
 #
 # Overrides: PYTHON, VARIANTS (B/16,L/16,H/14), BATCH (512,256,128), BUDGET (390), LIMIT (465). The defaults keep the
 # script under 8 minutes on an H200: the main and DeepSpeed rows take about 6, then the B/16 cross-recipe rows fit;
@@ -63,22 +65,25 @@ else
 fi
 say "card: $CARD | torch $TORCH_VERSION | $(date -u +%Y-%m-%dT%H:%M:%SZ) | out: $OUT"
 
-rm -f "$OUT/bench.json" "$OUT/table.txt"
-timeout -k 15 "$LIMIT" "$PYTHON" bench/model.py "${ARGS[@]}" --json "$OUT/bench.json" --table "$OUT/table.txt" 2>&1 \
-    | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
-    say "bench/model.py ran past ${LIMIT}s and was stopped; the rows it finished are in $OUT/bench.json"
-elif [ "$rc" -ne 0 ]; then
-    say "bench/model.py exited with $rc (see $LOG)"
-fi
+rc=0
+if [ "${MODEL:-1}" != 0 ]; then
+    rm -f "$OUT/bench.json" "$OUT/table.txt"
+    timeout -k 15 "$LIMIT" "$PYTHON" bench/model.py "${ARGS[@]}" --json "$OUT/bench.json" --table "$OUT/table.txt" 2>&1 \
+        | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        say "bench/model.py ran past ${LIMIT}s and was stopped; the rows it finished are in $OUT/bench.json"
+    elif [ "$rc" -ne 0 ]; then
+        say "bench/model.py exited with $rc (see $LOG)"
+    fi
 
-if [ -s "$OUT/table.txt" ]; then
-    # bench/model.py prints this table at its end (exit 0, or 1 when a row failed); a killed run did not get there.
-    if [ "$rc" -gt 1 ]; then echo; cat "$OUT/table.txt"; fi
-else
-    say "no rows: bench/model.py wrote no $OUT/table.txt"
-    [ "$rc" -eq 0 ] && rc=1
+    if [ -s "$OUT/table.txt" ]; then
+        # bench/model.py prints this table at its end (exit 0, or 1 when a row failed); a killed run did not get there.
+        if [ "$rc" -gt 1 ]; then echo; cat "$OUT/table.txt"; fi
+    else
+        say "no rows: bench/model.py wrote no $OUT/table.txt"
+        [ "$rc" -eq 0 ] && rc=1
+    fi
 fi
 # The trainer end to end (bench/train_e2e.py): shards -> the i21k augmentation -> DeepSpeed ZeRO-1 bf16 compiled ->
 # optimizer steps, against the bare step, per variant with the views made on the CPU (10 loader processes) and on
@@ -86,7 +91,7 @@ fi
 if [ "${E2E:-1}" != 0 ]; then
     if [ "$CUDA" = 1 ]; then
         ROWS=()
-        for v in $(echo "${E2E_VARIANTS:-B/16,L/16}" | tr ',' ' '); do ROWS+=("$v cpu" "$v gpu"); done
+        for v in $(echo "${E2E_VARIANTS:-B/16,L/16}" | tr ',' ' '); do ROWS+=("$v gpu" "$v cpu"); done
         knobs=--knobs
     else
         ROWS=("tiny cpu")
@@ -96,8 +101,12 @@ if [ "${E2E:-1}" != 0 ]; then
         read -r variant decode <<< "$row"
         name="e2e-${variant//\//}-$decode"
         say "train_e2e: $variant, views on the $decode${knobs:+, with the knobs}"
+        # The CPU path at 10 loader processes, the issue's cores per GPU; data.streams (twice the processes) must
+        # divide the batch, hence 320.
+        cpu_path=()
+        [ "$CUDA" = 1 ] && [ "$decode" = cpu ] && cpu_path=(--loader-workers 10 --batch 320)
         timeout -k 15 "${E2E_LIMIT:-240}" "$PYTHON" bench/train_e2e.py --variant "$variant" --decode "$decode" \
-            $knobs --json "$OUT/$name.json" 2>&1 | grep -v -E "^\[|WARNING|INFO" | tee -a "$LOG"
+            "${cpu_path[@]}" $knobs --json "$OUT/$name.json" 2>&1 | grep -v -E "^\[|WARNING|INFO" | tee -a "$LOG"
         [ "${PIPESTATUS[0]}" -eq 0 ] || { say "train_e2e $variant $decode failed (see $LOG)"; [ "$rc" -eq 0 ] && rc=1; }
         knobs=
     done

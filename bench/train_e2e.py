@@ -52,7 +52,8 @@ def spec_for(args: argparse.Namespace, dataset: str, run_url: str, on_gpu: bool,
     raw = {
         "model": {"variant": args.variant, "image_size": args.image_size, "compile": on_gpu and not args.eager,
                   "activation_checkpointing": args.activation_checkpointing},
-        "data": {"dataset": dataset, "eval_split": None, "streams": 8, "loader_workers": args.loader_workers,
+        "data": {"dataset": dataset, "eval_split": None, "streams": 2 * max(1, args.loader_workers),
+                 "loader_workers": args.loader_workers,
                  "randaug": {"layers": 2, "magnitude": 15}, "mixup": 0.5, "decode": args.decode},
         "optim": {"lr": 1e-3, "weight_decay": 0.1, "clip_grad_norm": 1.0},
         "schedule": {"warmup_steps": 1, "total_steps": args.warmup + args.steps},
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=256 if on_gpu else 32)
     parser.add_argument("--steps", type=int, default=30 if on_gpu else 12)
     parser.add_argument("--warmup", type=int, default=10 if on_gpu else 3)
-    parser.add_argument("--loader-workers", type=int, default=min(10, os.cpu_count() or 1) if on_gpu else 2)
+    parser.add_argument("--loader-workers", type=int, default=min(8, os.cpu_count() or 1) if on_gpu else 2)
     parser.add_argument("--images", type=int, default=None, help="generated JPEGs (default: enough for the run)")
     parser.add_argument("--distinct", type=int, default=1000,
                         help="distinct pictures among the generated JPEGs (each takes 10 ms to draw)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import types
 import warnings
@@ -121,6 +122,24 @@ def use_gloo_allreduce_on_cpu() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def arch_list_for_jit_builds() -> str | None:
+    """Drop the family suffix of TORCH_CUDA_ARCH_LIST's entries in this process ("9.0a" -> "9.0", "+PTX" kept) and
+    return the new list, or None when nothing changed. Images for Hopper and Blackwell set such lists, and DeepSpeed's
+    JIT op builder (FusedAdam's, built by the first engine on each machine) sorts them as dotted integers and fails
+    with "invalid literal for int() with base 10: '0a'". The ops it builds use no family-specific instructions.
+
+    Relies on `OpBuilder.compute_capability_args` reading the variable when the op is first built."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not value:
+        return None
+    entries = [re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", cc) for cc in value.replace(" ", ";").split(";") if cc]
+    fixed = ";".join(dict.fromkeys(entries))
+    if fixed == value:
+        return None
+    os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+    return fixed
 
 
 _NORM_MODULES = ("deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3")

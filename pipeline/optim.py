@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -11,6 +12,8 @@ import torch
 
 from pipeline import deepspeed_compat
 from pipeline.config import Spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,6 +97,8 @@ def build_engine(spec: Spec, net: torch.nn.Module, shape: StepShape, on_gpu: boo
 
     deepspeed_compat.skip_muon_import()
     deepspeed_compat.grad_norm_in_fp32(spec.deepspeed.fp32_grad_norm)
+    if on_gpu and (arch_list := deepspeed_compat.arch_list_for_jit_builds()):
+        log.info("TORCH_CUDA_ARCH_LIST=%s for DeepSpeed's op builds (it cannot parse family suffixes)", arch_list)
     optimizer = None
     if spec.optim.name == "sgd":
         optimizer = torch.optim.SGD(param_groups(net, spec.optim.weight_decay), lr=spec.optim.lr,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from fractions import Fraction
 
 import pytest
@@ -297,3 +298,23 @@ def test_param_groups_of_a_mixer_hold_every_parameter_once():
             assert (id(p) in decayed) == is_kernel, f"{name}.{pname} ({type(module).__name__})"
     assert len(decayed) > 0
 
+
+
+def test_arch_list_suffixes_are_dropped_for_deepspeed_op_builds(monkeypatch):
+    """A Hopper image's TORCH_CUDA_ARCH_LIST ("9.0a") made DeepSpeed's FusedAdam build fail on an H200; the trainer
+    rewrites it so the JIT builder parses it."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    from pipeline import deepspeed_compat
+
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a;9.0;10.0f+PTX")
+    with pytest.raises(ValueError, match="0a"):
+        builder.compute_capability_args()
+    assert deepspeed_compat.arch_list_for_jit_builds() == "8.0;9.0;10.0+PTX"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+    builder.compute_capability_args()
+    assert deepspeed_compat.arch_list_for_jit_builds() is None
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert deepspeed_compat.arch_list_for_jit_builds() is None
