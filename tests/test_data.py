@@ -288,6 +288,26 @@ def test_decoding_at_a_reduced_scale_keeps_the_crop(fmt, monkeypatch):
         assert set(decoded_heights) == {480}
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_resize_is_torchvisions_to_the_bit(native, monkeypatch):
+    """The loader resizes without torchvision (whose import costs every trainer process 2.4 s) and must give its
+    bytes, or the crops, and every run's augmentation with them, change: both of torchvision's kernels (uint8 on
+    AVX2/AVX512 and Arm, float32 and rounding elsewhere), on HWC views and on plain tensors, up and down."""
+    from torchvision.transforms.v2 import functional as F
+
+    monkeypatch.setattr(data, "_NATIVE_UINT8_RESIZE", native)
+    import torchvision.transforms.v2.functional._geometry as geometry
+
+    monkeypatch.setattr(geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: native)
+    rng = np.random.default_rng(0)
+    for h, w, out_h, out_w in [(97, 131, 48, 48), (300, 200, 224, 224), (40, 60, 55, 82), (256, 341, 256, 341)]:
+        hwc = torch.from_numpy(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        for image in (hwc.permute(2, 0, 1), hwc.permute(2, 0, 1).contiguous(), hwc.permute(2, 0, 1)[:, 3:, 5:]):
+            expected = F.resize(image, [out_h, out_w], antialias=True)
+            got = data.resize(image, out_h, out_w)
+            assert got.shape == expected.shape and torch.equal(got, expected), (h, w, out_h, out_w, image.stride())
+
+
 def test_missing_dataset_json_names_the_url_and_prepare(tmp_path):
     url = str(tmp_path / "nothing-here")
     with pytest.raises(DatasetError) as e:
