@@ -157,3 +157,40 @@ def grad_norm_in_fp32(enabled: bool) -> None:
     for name in _NORM_MODULES:
         module = importlib.import_module(name)
         module.get_norm_dtype = (lambda: torch.float32) if enabled else utils.get_norm_dtype
+
+
+# DeepSpeed's own methods where a function here took their place, kept to compare with.
+REPLACED: dict[str, Any] = {}
+
+
+def _unscale_and_clip_on_device(self: Any, grad_groups_flat: list, total_norm: Any) -> None:
+    """DeepSpeed's arithmetic, with an invalid norm (inf, nan, or its -1 sentinel) replaced by inf on the device, so
+    that the gradients are zeroed as DeepSpeed zeroes them, without asking the host first."""
+    import torch
+
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        norm = torch.as_tensor(total_norm, dtype=torch.float, device=self.device)
+        norm = torch.where(torch.isfinite(norm) & (norm >= 0), norm, torch.full_like(norm, float("inf")))
+        clip = torch.clamp(((norm / self.loss_scale) + 1e-6) / self.clip_grad, min=1.0)
+        combined_scale = clip * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.mul_(1.0 / combined_scale)
+
+
+def clip_without_host_sync() -> None:
+    """ZeRO 1-2 clip the gradients without the host sync DeepSpeed adds to every step: before it scales them it asks
+    the host whether the norm is valid (`is_invalid_grad_norm`, a `bool()` of a device tensor), which holds the host
+    until the GPU has finished the backward pass, so the next batch and the next step's kernels are not queued while
+    the optimizer runs. The same arithmetic on the device instead (`_unscale_and_clip_on_device`).
+
+    Relies on `DeepSpeedZeroOptimizer.unscale_and_clip_grads(grad_groups_flat, total_norm)` and the optimizer's
+    `clip_grad`, `loss_scale` and `device`. ZeRO-3 decides on the host whether to skip a step with an invalid norm,
+    so its sync stays."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    REPLACED.setdefault("DeepSpeedZeroOptimizer.unscale_and_clip_grads", DeepSpeedZeroOptimizer.unscale_and_clip_grads)
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads = _unscale_and_clip_on_device

@@ -97,6 +97,7 @@ def build_engine(spec: Spec, net: torch.nn.Module, shape: StepShape, on_gpu: boo
 
     deepspeed_compat.skip_muon_import()
     deepspeed_compat.grad_norm_in_fp32(spec.deepspeed.fp32_grad_norm)
+    deepspeed_compat.clip_without_host_sync()
     if on_gpu and (arch_list := deepspeed_compat.arch_list_for_jit_builds()):
         log.info("TORCH_CUDA_ARCH_LIST=%s for DeepSpeed's op builds (it cannot parse family suffixes)", arch_list)
     optimizer = None

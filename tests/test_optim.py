@@ -318,3 +318,48 @@ def test_arch_list_suffixes_are_dropped_for_deepspeed_op_builds(monkeypatch):
     assert deepspeed_compat.arch_list_for_jit_builds() is None
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     assert deepspeed_compat.arch_list_for_jit_builds() is None
+
+
+@pytest.mark.parametrize("norm", [3.0, 0.5, float("inf"), float("nan"), -1.0])
+def test_zero_clips_as_deepspeed_does_without_asking_the_host(norm, monkeypatch):
+    """DeepSpeed's ZeRO 1-2 clipping reads the norm's validity on the host every step (a GPU sync); the replacement
+    scales the gradients exactly as DeepSpeed's own code does, for valid norms and for each kind of invalid one,
+    and never asks."""
+    import types
+
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from pipeline import deepspeed_compat
+
+    def run(method) -> list[torch.Tensor]:
+        grads = [torch.linspace(-2, 2, 7), [torch.linspace(1, 3, 5), torch.full((3,), -4.0)]]
+        flat = [grads[0], *grads[1]]
+        me = types.SimpleNamespace(clip_grad=1.0, loss_scale=1.0, device=torch.device("cpu"))
+        method(me, grads, torch.tensor(norm))
+        return flat
+
+    deepspeed_compat.clip_without_host_sync()  # as build_engine does; DeepSpeed's method is kept aside
+    deepspeeds = run(deepspeed_compat.REPLACED["DeepSpeedZeroOptimizer.unscale_and_clip_grads"])
+    monkeypatch.setattr(stage_1_and_2, "is_invalid_grad_norm", lambda n: pytest.fail("asked the host"))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: pytest.fail("asked the host"))
+    ours = run(deepspeed_compat._unscale_and_clip_on_device)
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(ours, deepspeeds, strict=True)), (ours, deepspeeds)
+    if norm == 3.0:
+        assert torch.allclose(ours[0], torch.linspace(-2, 2, 7) / (3.0 + 1e-6))
+    if not norm >= 0 or norm == float("inf"):
+        assert all(not t.any() for t in ours)  # an invalid norm zeroes the step's gradients
+
+
+def test_build_engine_clips_without_a_host_sync(monkeypatch):
+    """(`deepspeed.initialize` stands in, as above.)"""
+    import deepspeed
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from pipeline import deepspeed_compat, optim
+
+    deepspeed_compat.clip_without_host_sync()  # DeepSpeed's own method kept aside before it is taken away here
+    monkeypatch.setattr(DeepSpeedZeroOptimizer, "unscale_and_clip_grads", None)
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kw: (None,) * 4)
+    optim.build_engine(make_spec(), model.build("tiny", num_classes=10, image_size=32), StepShape(60, 10, 8), False)
+    assert DeepSpeedZeroOptimizer.unscale_and_clip_grads is deepspeed_compat._unscale_and_clip_on_device
