@@ -4,6 +4,10 @@ A JPEG that needs no change keeps its original bytes; anything else is decoded o
 JPEG decoder can skip work, via libjpeg-turbo's DCT scaling), resized so its short side is at most `max_size`
 (never upscaled), rotated by its EXIF orientation and encoded as JPEG. An input that cannot be used raises
 `Rejected` with a short reason code and a sentence saying what is wrong.
+
+The resize (`shrink`) runs in OpenCV's fixed-point kernels, which give the same bytes with or without the CPU's
+vector units: a dataset is the same whichever machines of a cluster made its shards. `VERSION` names the image path
+in a run's record, so that a re-run with another one is refused instead of mixing the two in one dataset.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import simplejpeg
 from PIL import Image, UnidentifiedImageError
@@ -29,7 +34,15 @@ UPRIGHT = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# 1: PIL's antialiased bilinear resize; 2: `shrink`.
+VERSION = 2
+# Below this ratio of input to output size, bilinear interpolation alone loses nothing to a blurred one (measured
+# against a Lanczos resize: it is as close or closer up to 1.5, and a DCT-scaled JPEG arrives within 1.41).
+BLUR_ABOVE = 1.5
 MAGIC = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF8": "GIF", b"RIFF": "WEBP", b"BM": "BMP"}
+
+# One image is too small to share among threads, and each shard task has a core of its own.
+cv2.setNumThreads(1)
 
 
 class Rejected(Exception):
@@ -91,18 +104,27 @@ def process(data: bytes, policy: ImagePolicy) -> Encoded:
         if not changes:
             _check_jpeg(data)
             return Encoded(data, "jpg", {**meta, "size": [width, height], "changes": []})
-        rgb = _decode_jpeg(data, size)
+        pixels = _decode_jpeg(data, size)
     else:
-        rgb = _decode_with_pil(im, size)
-    if rgb.size != size:
-        # Antialiased bilinear: a DCT-scaled JPEG arrives within 1.4x of its target, where bicubic costs a quarter
-        # more time for 0.25 dB less error once the result is JPEG-encoded.
-        rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+        pixels = np.asarray(_decode_with_pil(im, size))
+    if pixels.shape[:2] != (size[1], size[0]):
+        pixels = shrink(pixels, size)
     if orientation in UPRIGHT:
-        rgb = rgb.transpose(UPRIGHT[orientation])
-    out = simplejpeg.encode_jpeg(np.asarray(rgb), quality=policy.quality, colorspace=rgb.mode,
-                                 colorsubsampling="420")
-    return Encoded(out, "jpg", {**meta, "size": list(rgb.size), "changes": changes})
+        pixels = np.asarray(Image.fromarray(pixels).transpose(UPRIGHT[orientation]))
+    out = simplejpeg.encode_jpeg(pixels, quality=policy.quality, colorspace="RGB", colorsubsampling="420")
+    return Encoded(out, "jpg", {**meta, "size": [pixels.shape[1], pixels.shape[0]], "changes": changes})
+
+
+def shrink(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 `pixels` made `size` (width, height) smaller: bilinear interpolation, after a Gaussian blur of
+    sigma (ratio - 1) / 2 where the ratio is over BLUR_ABOVE (scikit-image's anti-aliasing). Both are OpenCV's
+    fixed-point kernels (the bilinear one is INTER_LINEAR_EXACT), bit-exact on any CPU; against a Lanczos resize
+    they come as close as PIL's antialiased bilinear filter, in a third of its time."""
+    ratio = min(pixels.shape[1] / size[0], pixels.shape[0] / size[1])
+    if ratio > BLUR_ABOVE:
+        sigma = (ratio - 1) / 2
+        pixels = cv2.GaussianBlur(pixels, (0, 0), sigma, sigmaY=sigma, hint=cv2.ALGO_HINT_ACCURATE)
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_LINEAR_EXACT)
 
 
 def _open(data: bytes) -> Image.Image:
@@ -157,15 +179,12 @@ def _check_jpeg(data: bytes) -> None:
         raise _decode_error(e) from e
 
 
-def _decode_jpeg(data: bytes, size: tuple[int, int]) -> Image.Image:
-    """The image at the smallest DCT scale that is still at least `size` (stored orientation). As RGB, not the
-    RGBX that PIL could use without a copy: PIL's resampling then works on three bands instead of four, which saves
-    more than the copy costs (about 0.3 ms against 0.2 ms per photo), and the encoded bytes are the same."""
+def _decode_jpeg(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """The image at the smallest DCT scale that is still at least `size` (stored orientation), HxWx3 RGB."""
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=size[0], min_height=size[1])
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=size[0], min_height=size[1])
     except ValueError as e:
         raise _decode_error(e) from e
-    return Image.frombuffer("RGB", (pixels.shape[1], pixels.shape[0]), pixels, "raw", "RGB", 0, 1)
 
 
 def _decode_with_pil(im: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -24,6 +24,7 @@ import ray
 from tqdm import tqdm
 
 from data_prep.dedup import Index, build_index
+from data_prep.images import VERSION as IMAGE_VERSION
 from data_prep.images import ImagePolicy
 from data_prep.plan import SPLITS, Plan, PlanOptions, ShardSpec, plan_source
 from data_prep.shard import PROGRESS, completed_shards, write_shard
@@ -193,7 +194,7 @@ def _dedup_counts(references: Index | None, matched: Counter) -> dict[str, dict[
 
 def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions, references: Index | None = None) -> None:
     """Record what this run makes, or check it against what an earlier run into `dest` was making."""
-    record = {"source": source, **asdict(options), "layout": plan.layout,
+    record = {"source": source, **asdict(options), "image_version": IMAGE_VERSION, "layout": plan.layout,
               "inputs": plan.inputs, "shards": len(plan.shards), "plan_sha256": plan.digest}
     if references is not None:
         record["dedup_sha256"] = references.digest()
@@ -206,18 +207,25 @@ def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions, referenc
         return
     start_over = (f"Re-run with the earlier options to finish that run, or choose another DEST, or delete "
                   f"{dest} to start over.")
-    # An option a record lacks was written by a release without it, whose runs all had its default.
-    earlier = {**json.loads(json.dumps(asdict(PrepareOptions()))), **previous}
+    # An option a record lacks was written by a release without it, whose runs all had its default; a record
+    # without an image version was made by the first image path.
+    earlier = {"image_version": 1, **json.loads(json.dumps(asdict(PrepareOptions()))), **previous}
     changed = [k for k in record if k not in ("inputs", "shards", "plan_sha256") and earlier.get(k) != record[k]]
     if changed:
-        said = "; ".join(f"{'--' + k.replace('_', '-') if k != 'source' else 'SOURCE'} was {earlier.get(k)!r}, "
-                         f"now {record[k]!r}" for k in changed)
+        said = "; ".join(_change(k, earlier.get(k), record[k]) for k in changed)
         raise PrepareError(f"{dest} holds a run made with other options ({said}). {start_over}")
     if previous.get("plan_sha256") != plan.digest:
         raise PrepareError(
             f"{dest} holds a run of the same options, but the source changed since ({previous.get('inputs')} "
             f"inputs then, {plan.inputs} now; {url} records the plan). {start_over}"
         )
+
+
+def _change(key: str, then: Any, now: Any) -> str:
+    if key == "image_version":
+        return (f"its images were made by image path {then} and this release's is {now}, which resizes them "
+                "differently: finish it with the release that started it")
+    return f"{'--' + key.replace('_', '-') if key != 'source' else 'SOURCE'} was {then!r}, now {now!r}"
 
 
 def _remove_temporaries(dest: str) -> None:

@@ -132,3 +132,23 @@ def test_a_run_recorded_before_dedup_existed_resumes_and_one_with_references_is_
     _claim(dest, "raw", plan, PrepareOptions())
     with pytest.raises(PrepareError, match=r"--dedup-against was \[\], now \['refs'\]"):
         _claim(dest, "raw", plan, PrepareOptions(dedup_against=("refs",)))
+
+
+def test_a_run_whose_images_were_made_by_another_image_path_is_refused(tmp_path):
+    """Its shards would mix two resizes in one dataset: a record from before `images.VERSION` is the first path."""
+    from types import SimpleNamespace
+
+    from data_prep.images import VERSION
+    from data_prep.prepare import PrepareError, PrepareOptions, _claim
+    from pipeline import storage
+
+    plan = SimpleNamespace(layout="imagefolder", inputs=10, shards=[1], digest="abc")
+    dest = str(tmp_path / "ds")
+    _claim(dest, "raw", plan, PrepareOptions())
+    record = storage.read_json(f"{dest}/_progress/plan.json")
+    assert record["image_version"] == VERSION > 1
+    _claim(dest, "raw", plan, PrepareOptions())  # the same release resumes
+    del record["image_version"]
+    storage.write_json_atomic(f"{dest}/_progress/plan.json", record)
+    with pytest.raises(PrepareError, match=f"images were made by image path 1 and this release's is {VERSION}"):
+        _claim(dest, "raw", plan, PrepareOptions())

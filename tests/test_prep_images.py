@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from data_prep.images import ImagePolicy, Rejected, process, target_size
+from data_prep.images import ImagePolicy, Rejected, process, shrink, target_size
 from data_prep.sample_data import BAD_KINDS, bad_file, class_pattern, encode
 
 POLICY = ImagePolicy(max_size=40, quality=95)
@@ -144,3 +145,33 @@ def test_decompression_bomb_is_rejected(monkeypatch):
 def test_same_input_gives_same_bytes():
     data, _ = encode(_pixels(200, 120), "png")
     assert process(data, POLICY).data == process(data, POLICY).data
+
+
+@pytest.mark.parametrize("size", [(341, 256), (100, 75), (31, 23)])  # bilinear alone, blurred first, blurred more
+def test_shrink_gives_the_same_bytes_without_the_cpus_vector_units(size):
+    """A dataset must not depend on which machine made a shard: OpenCV's generic code (no SIMD, no IPP) and the
+    vector code this machine picks give the same bytes."""
+    pixels = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
+    fast = shrink(pixels, size)
+    try:
+        cv2.setUseOptimized(False)
+        cv2.ipp.setUseIPP(False)
+        generic = shrink(pixels, size)
+    finally:
+        cv2.setUseOptimized(True)
+        cv2.ipp.setUseIPP(True)
+    assert fast.shape == (size[1], size[0], 3) and np.array_equal(fast, generic)
+
+
+def test_shrink_does_not_alias_fine_detail():
+    """One-pixel stripes made three times smaller are grey, as an antialiased resize gives (plain bilinear
+    interpolation picks every third column: stripes again), and a smooth picture stays close to a Lanczos resize."""
+    stripes = np.zeros((90, 300, 3), np.uint8)
+    stripes[:, ::2] = 255
+    out = shrink(stripes, (100, 30)).astype(np.float64)
+    assert abs(out.mean() - 127.5) < 3 and out.std() < 8
+    aliased = cv2.resize(stripes, (100, 30), interpolation=cv2.INTER_LINEAR_EXACT)
+    assert aliased.std() > 100  # what the blur prevents
+    smooth = _pixels(400, 300)
+    lanczos = Image.fromarray(smooth).resize((53, 40), Image.Resampling.LANCZOS)
+    assert _mean_abs_diff(Image.fromarray(shrink(smooth, (53, 40))), lanczos) < 3
