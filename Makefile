@@ -25,10 +25,11 @@ $(STAMP): pyproject.toml requirements.lock
 quickstart: $(STAMP)
 	$(BIN)/mixer quickstart
 
-# Two test processes, each test file whole in one of them (its module-scoped clusters and runs stay shared): the
-# suite waits on clusters, kills and timeouts often enough that a second process fills the idle time. Files go out
-# in collection order (tests/conftest.py puts the longest first), not pytest-xdist's default of most tests first.
-TEST_WORKERS ?= 2
+# Three test processes, each test file whole in one of them (its module-scoped clusters and runs stay shared): the
+# suite waits on clusters, kills and timeouts often enough that more processes than cores fill the idle time (on 2
+# cores: 6 min 43 s against 7 min 22 s with two). Files go out in collection order (tests/conftest.py puts the
+# longest first), not pytest-xdist's default of most tests first.
+TEST_WORKERS ?= 3
 
 test: $(STAMP)
 	$(BIN)/python -m compileall -q -j 0 pipeline data_prep > /dev/null

@@ -27,9 +27,10 @@ os.environ.setdefault("REPORTER_UPDATE_INTERVAL_MS", "60000")
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 
-# `make test` hands whole test files to its two processes in collection order: the longest go first, so that none
-# of them starts last and runs on alone while the other process has nothing left to do.
-LONGEST_FIRST = ("test_hosts.py", "test_resume.py", "test_submit.py", "test_train.py", "test_dedup.py")
+# `make test` hands whole test files to its processes in collection order: the longest go first, so that none of
+# them starts last and runs on alone while the other processes have nothing left to do.
+LONGEST_FIRST = ("test_hosts.py", "test_resume.py", "test_hosts_prep.py", "test_submit.py", "test_train.py",
+                 "test_dedup.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

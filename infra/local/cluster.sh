@@ -16,10 +16,12 @@
 # nothing listens. Token authentication: the token is made once, kept in STATE_DIR/token (mode 600) and handed to
 # every process in its environment, never on a command line. Processes inherit this script's environment, so the
 # S3 endpoint and keys a job needs (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...) are set before `up` or `add-node`.
-# Settings (environment): RAY_PORT 6390, CPUS_PER_HOST 1, OBJECT_STORE_MB 200, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S 20.
+# Settings (environment): RAY_PORT 6390, CPUS_PER_HOST 1, OBJECT_STORE_MB 200, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S 20,
+# HEAD_IP 127.0.1.1 and HOST_IPS 127.0.0 (host-I on HOST_IPS.(I+1)): a second cluster beside the first takes other
+# addresses (e.g. HEAD_IP=127.0.3.1 HOST_IPS=127.0.2), as Ray's per-node services listen on fixed ports.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 COMMAND=$1
 shift
@@ -30,7 +32,8 @@ case $COMMAND in
 esac
 STATE_DIR=$(mkdir -p "${1:-out/hosts}" && cd "${1:-out/hosts}" && pwd)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-HEAD_IP=127.0.1.1
+HEAD_IP=${HEAD_IP:-127.0.1.1}
+HOST_IPS=${HOST_IPS:-127.0.0}
 RAY_PORT=${RAY_PORT:-6390}
 CPUS_PER_HOST=${CPUS_PER_HOST:-1}
 OBJECT_STORE_MB=${OBJECT_STORE_MB:-200}
@@ -90,7 +93,7 @@ end_leftovers() {  # NAME: SIGKILL any process still naming the node's temp fold
 }
 
 start_host() {  # I
-  local i=$1 ip="127.0.0.$(($1 + 1))" tmp
+  local i=$1 ip="$HOST_IPS.$(($1 + 1))" tmp
   if alive "$STATE_DIR/host-$i.pid"; then
     echo "host-$i already runs (pid $(cat "$STATE_DIR/host-$i.pid"))" >&2
     exit 1
@@ -159,7 +162,7 @@ export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN=$RAY_AUTH_TOKEN
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
 ENV
-    echo "head on $HEAD_IP:$RAY_PORT, hosts host-1..host-$ARG on 127.0.0.2..127.0.0.$((ARG + 1)); . $STATE_DIR/env"
+    echo "head on $HEAD_IP:$RAY_PORT, hosts host-1..host-$ARG on $HOST_IPS.2..$HOST_IPS.$((ARG + 1)); . $STATE_DIR/env"
     ;;
   kill-node)
     [ -f "$STATE_DIR/host-$ARG.pid" ] || { echo "host-$ARG is not running from $STATE_DIR" >&2; exit 1; }
@@ -174,7 +177,7 @@ ENV
     token
     start_host "$ARG"
     host_started "$ARG"
-    echo "host-$ARG joined on 127.0.0.$((ARG + 1))"
+    echo "host-$ARG joined on $HOST_IPS.$((ARG + 1))"
     ;;
   down)
     shopt -s nullglob
