@@ -210,22 +210,21 @@ def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions, referenc
     # An option a record lacks was written by a release without it, whose runs all had its default; a record
     # without an image version was made by the first image path.
     earlier = {"image_version": 1, **json.loads(json.dumps(asdict(PrepareOptions()))), **previous}
+    if earlier["image_version"] != IMAGE_VERSION:
+        raise PrepareError(
+            f"{dest} holds a run whose images were made by image path {earlier['image_version']}; this release makes "
+            f"them with image path {IMAGE_VERSION}, and one dataset must not mix the two. Finish that run with the "
+            f"release that started it, or choose another DEST, or delete {dest} to start over.")
     changed = [k for k in record if k not in ("inputs", "shards", "plan_sha256") and earlier.get(k) != record[k]]
     if changed:
-        said = "; ".join(_change(k, earlier.get(k), record[k]) for k in changed)
+        said = "; ".join(f"{'--' + k.replace('_', '-') if k != 'source' else 'SOURCE'} was {earlier.get(k)!r}, "
+                         f"now {record[k]!r}" for k in changed)
         raise PrepareError(f"{dest} holds a run made with other options ({said}). {start_over}")
     if previous.get("plan_sha256") != plan.digest:
         raise PrepareError(
             f"{dest} holds a run of the same options, but the source changed since ({previous.get('inputs')} "
             f"inputs then, {plan.inputs} now; {url} records the plan). {start_over}"
         )
-
-
-def _change(key: str, then: Any, now: Any) -> str:
-    if key == "image_version":
-        return (f"its images were made by image path {then} and this release's is {now}, which resizes them "
-                "differently: finish it with the release that started it")
-    return f"{'--' + key.replace('_', '-') if key != 'source' else 'SOURCE'} was {then!r}, now {now!r}"
 
 
 def _remove_temporaries(dest: str) -> None:

@@ -85,7 +85,7 @@ def process_on(namespace: str, name: bytes) -> int | None:
 
 
 def mixer_losing_host_2(hosts: Hosts, args: list[str], worker: bytes, when: Callable[[], int | None],
-                         replace: bool, poll_s: float = 0.005) -> tuple[str, int]:
+                        replace: bool, poll_s: float = 0.005) -> tuple[str, int]:
     """`mixer ARGS --ray-address` on the hosts. Once `when()` is not None and a Ray worker titled `worker` runs on
     host-2, that worker is SIGKILLed at once (so that its work cannot finish in the time the script takes to start),
     then every process of host-2 (`kill-node`); with `replace` a new host-2 joins at once, else after the command.

@@ -150,5 +150,6 @@ def test_a_run_whose_images_were_made_by_another_image_path_is_refused(tmp_path)
     _claim(dest, "raw", plan, PrepareOptions())  # the same release resumes
     del record["image_version"]
     storage.write_json_atomic(f"{dest}/_progress/plan.json", record)
-    with pytest.raises(PrepareError, match=f"images were made by image path 1 and this release's is {VERSION}"):
+    with pytest.raises(PrepareError, match=f"images were made by image path 1; this release makes them with image "
+                                           f"path {VERSION}, and one dataset must not mix the two"):
         _claim(dest, "raw", plan, PrepareOptions())

@@ -60,7 +60,7 @@ def _train_losing_host_2(hosts: Hosts, spec, tmp_path: Path, replace: bool) -> t
         return step if step >= KILL_AFTER else None
 
     return mixer_losing_host_2(hosts, ["train", str(tmp_path / "spec.yaml")], b"ray::RayTrainWorker",
-                                when=committed, replace=replace, poll_s=0.02)
+                               when=committed, replace=replace, poll_s=0.02)
 
 
 def _starts(run_url: str) -> list[tuple[int, int, list[str]]]:

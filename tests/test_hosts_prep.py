@@ -28,7 +28,7 @@ def test_a_prep_that_loses_a_host_redoes_its_shards_elsewhere_and_gives_the_same
     assert cli.main(["prepare", str(raw), str(reference), *PREP]) == 0  # the session's one-machine cluster
 
     err, _ = mixer_losing_host_2(hosts, ["prepare", str(raw), str(spread), *PREP], b"ray::write_shard",
-                                  when=lambda: 0, replace=False)
+                                 when=lambda: 0, replace=False)
 
     made_by = {p.stem: json.loads(p.read_text())["host"] for p in (spread / "_progress").glob("*-*.json")}
     assert len(made_by) == 90 and set(made_by.values()) <= {"host-1", "host-2"}

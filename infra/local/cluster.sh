@@ -2,8 +2,8 @@
 # Several Ray hosts on one machine, for trying multi-host journeys (prep spread over hosts, a host lost mid-run, a
 # replacement joining) without a cloud: a Ray head with no CPUs, and worker hosts each started by `ray start` inside
 # `unshare --uts --mount`, with its own host name (host-I), its own /etc/hosts (bind-mounted, so the name resolves),
-# its own node IP on the loopback range (127.0.0.(I+1)) and its own temp folder. Needs root (or the right to
-# unshare namespaces); everything listens on loopback addresses only.
+# its own node IP on the loopback range (127.0.0.(I+1) by default) and its own temp folder. Needs root (or the right
+# to unshare namespaces); everything listens on loopback addresses only.
 #
 #   infra/local/cluster.sh up N [STATE_DIR]          # head + host-1..host-N; STATE_DIR defaults to out/hosts
 #   . out/hosts/env                                  # RAY_ADDRESS and the token for `mixer ... --ray-address auto`
@@ -11,17 +11,19 @@
 #   infra/local/cluster.sh add-node I [STATE_DIR]    # start host-I (again), e.g. a replacement
 #   infra/local/cluster.sh down [STATE_DIR]          # stop the hosts and the head
 #
-# The head listens on 127.0.1.1, not 127.0.0.1: once nodes of other IPs may join (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
-# on every process of the cluster), Ray reads 127.0.0.1 as "this machine" and swaps in its network address, where
-# nothing listens. Token authentication: the token is made once, kept in STATE_DIR/token (mode 600) and handed to
-# every process in its environment, never on a command line. Processes inherit this script's environment, so the
-# S3 endpoint and keys a job needs (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...) are set before `up` or `add-node`.
-# Settings (environment): RAY_PORT 6390, CPUS_PER_HOST 1, OBJECT_STORE_MB 200, RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S 20,
-# HEAD_IP 127.0.1.1 and HOST_IPS 127.0.0 (host-I on HOST_IPS.(I+1)): a second cluster beside the first takes other
-# addresses (e.g. HEAD_IP=127.0.3.1 HOST_IPS=127.0.2), as Ray's per-node services listen on fixed ports.
+# The head listens on 127.0.1.1 by default, never on 127.0.0.1: once nodes of other IPs may join
+# (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 on every process of the cluster), Ray reads 127.0.0.1 as "this machine" and
+# swaps in its network address, where nothing listens. Token authentication: the token is made once, kept in
+# STATE_DIR/token (mode 600) and handed to every process in its environment, never on a command line. Processes
+# inherit this script's environment, so the S3 endpoint and keys a job needs (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID...)
+# are set before `up` or `add-node`.
+# Settings (environment): RAY_PORT 6390, CPUS_PER_HOST 1, OBJECT_STORE_MB 200,
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S 20, HEAD_IP 127.0.1.1 and HOST_IPS 127.0.0 (host-I on HOST_IPS.(I+1)): a
+# second cluster beside the first takes other addresses (e.g. HEAD_IP=127.0.3.1 HOST_IPS=127.0.2), as Ray's
+# per-node services listen on fixed ports.
 set -euo pipefail
 
-usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 [ $# -ge 1 ] || usage
 COMMAND=$1
 shift
