@@ -7,8 +7,8 @@ JPEG decoder can skip work, via libjpeg-turbo's DCT scaling), resized so its sho
 
 The resize (`shrink`) runs in integer kernels (OpenCV's fixed-point ones near the target size, PIL's further away),
 which give the same bytes with or without the CPU's vector units: a dataset is the same whichever machines of a
-cluster made its shards. `VERSION` names the image path
-in a run's record, so that a re-run with another one is refused instead of mixing the two in one dataset.
+cluster made its shards. `VERSION` names the image path in a run's record, so that a re-run with another one is
+refused instead of mixing the two in one dataset.
 """
 
 from __future__ import annotations

@@ -205,8 +205,8 @@ def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions, referenc
     except FileNotFoundError:
         storage.write_json_atomic(url, record)
         return
-    start_over = (f"Re-run with the earlier options to finish that run, or choose another DEST, or delete "
-                  f"{dest} to start over.")
+    elsewhere = f"or choose another DEST, or delete {dest} to start over."
+    start_over = f"Re-run with the earlier options to finish that run, {elsewhere}"
     # An option a record lacks was written by a release without it, whose runs all had its default; a record
     # without an image version was made by the first image path.
     earlier = {"image_version": 1, **json.loads(json.dumps(asdict(PrepareOptions()))), **previous}
@@ -214,7 +214,7 @@ def _claim(dest: str, source: str, plan: Plan, options: PrepareOptions, referenc
         raise PrepareError(
             f"{dest} holds a run whose images were made by image path {earlier['image_version']}; this release makes "
             f"them with image path {IMAGE_VERSION}, and one dataset must not mix the two. Finish that run with the "
-            f"release that started it, or choose another DEST, or delete {dest} to start over.")
+            f"release that started it, {elsewhere}")
     changed = [k for k in record if k not in ("inputs", "shards", "plan_sha256") and earlier.get(k) != record[k]]
     if changed:
         said = "; ".join(f"{'--' + k.replace('_', '-') if k != 'source' else 'SOURCE'} was {earlier.get(k)!r}, "
