@@ -7,3 +7,9 @@ prints it as `error: ...` and exits with status 2. Anything else that escapes is
 
 class MixerError(Exception):
     """An error raised on purpose, with a message meant for the user."""
+
+
+class FinalError(MixerError):
+    """Raised by every rank at once for what a restart from the newest checkpoint would meet again: the loss
+    diverged, too many samples were skipped. The workers end without Ray Train's retries (each would replay the
+    steps since that checkpoint to fail the same way) and the driver raises the error with its whole message."""

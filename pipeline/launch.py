@@ -2,10 +2,12 @@
 
 `run` takes a spec that pipeline/run.py has resolved (checked, saved with the run) and maps it onto Ray Train:
 one worker per rank with its CPUs and GPUs, gloo or NCCL, and FailureConfig restarts of the worker group when a
-worker dies; restarted workers resume from the newest committed checkpoint on their own. With `cluster.elastic`,
-Ray Train's elastic scaling restarts the group on as many workers as the cluster holds (`cluster.min_workers` to
-`cluster.workers`): after a host is lost, and again when hosts come back (checked every `cluster.resize_check_s`);
-the workers resume through the universal checkpoint when the world size changed.
+worker dies; restarted workers resume from the newest committed checkpoint on their own. An error that such a
+restart would meet again (a `pipeline.errors.FinalError`: the loss diverged, too many samples skipped) ends the run
+at once instead, and `run` raises it with its whole message. With `cluster.elastic`, Ray Train's elastic scaling
+restarts the group on as many workers as the cluster holds (`cluster.min_workers` to `cluster.workers`): after a
+host is lost, and again when hosts come back (checked every `cluster.resize_check_s`); the workers resume through
+the universal checkpoint when the world size changed.
 
 Each `run` is one launch with its own id (`MIXER_LAUNCH_ID` in its workers): the run's lease is held in that id's
 name, so workers Ray Train restarts re-take it, another launch is refused, and `run` drops it once the workers are
@@ -14,6 +16,7 @@ gone, however they ended.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import tempfile
@@ -23,6 +26,7 @@ from typing import Any
 from pipeline import config as config_lib
 from pipeline import lease
 from pipeline.config import Spec
+from pipeline.errors import FinalError
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +35,35 @@ log = logging.getLogger(__name__)
 # from the spec as well: pipeline.storage.RETRY_ENV, pipeline.data.VERIFY_ENV).
 WORKER_ENV = ("DS_ACCELERATOR", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION",
               "MIXER_IO_RETRY_S", "MIXER_DATA_VERIFY")
+FINAL_ERROR = "final_error"
 
 
-def _worker(cfg: dict[str, Any]) -> None:
+def _worker(cfg: dict[str, Any]) -> dict[str, str] | None:
+    """One rank's run; a FinalError, raised by every rank together, ends the workers without a failure (Ray Train
+    would retry it) and comes back to the driver as rank 0's return value."""
     for key, value in cfg["env"].items():
         os.environ.setdefault(key, value)
     # Not setdefault: a worker process is this launch's whatever its environment says.
     os.environ[lease.LAUNCH_ENV] = cfg["launch_id"]
     from pipeline.train import train
 
-    train(config_lib.from_dict(cfg["spec"]), resume_from=cfg["resume_from"])
+    try:
+        train(config_lib.from_dict(cfg["spec"]), resume_from=cfg["resume_from"])
+    except FinalError as e:
+        log.error("%s: %s", type(e).__name__, e)
+        return {FINAL_ERROR: f"{type(e).__module__}.{type(e).__qualname__}", "message": str(e)}
+    return None
+
+
+def _raise_final(returned: Any) -> None:
+    """Raise on the driver the FinalError the workers ended with, if any, as its own class."""
+    if not isinstance(returned, dict) or FINAL_ERROR not in returned:
+        return
+    module, _, name = returned[FINAL_ERROR].rpartition(".")
+    kind = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(kind, type) and issubclass(kind, FinalError)):
+        kind = FinalError
+    raise kind(returned["message"])
 
 
 def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None = None,
@@ -74,9 +97,11 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
         ),
     )
     try:
-        return trainer.fit()
+        result = trainer.fit()
     finally:
         _release(spec.run.url, launch)
+    _raise_final(result.return_value)
+    return result
 
 
 def _trainer_class() -> type:

@@ -17,10 +17,15 @@ import torch.distributed as dist
 from pipeline import data, metrics, storage
 from pipeline.config import Spec
 from pipeline.dataset_json import DatasetError
+from pipeline.errors import FinalError
 
 log = logging.getLogger("mixer.train")
 
 MIN_ALLOWED_SKIPS = 10  # the skip fraction is judged once the threshold allows this many skipped samples
+
+
+class TooManySkipsError(DatasetError, FinalError):
+    """More of the samples read were unusable than data.max_skipped_fraction allows."""
 
 
 class SkipLog:
@@ -33,8 +38,8 @@ class SkipLog:
 
     The ranks send their skips at reports only (`gather`: at log steps and before each checkpoint); rank 0 keeps
     the file (written whole when a report brings new lines, like metrics.jsonl) and decides, and every rank raises
-    the same DatasetError in `stop_if_over`, so that none is left waiting in a collective. On resume, lines past the
-    resumed step are dropped: those steps run again and skip the same samples."""
+    the same TooManySkipsError in `stop_if_over`, so that none is left waiting in a collective. On resume, lines
+    past the resumed step are dropped: those steps run again and skip the same samples."""
 
     def __init__(self, spec: Spec, enabled: bool, resume_step: int):
         self.url = storage.join(spec.run.url, "skipped.jsonl")
@@ -81,7 +86,7 @@ class SkipLog:
             return
         if metrics_log is not None:
             metrics_log.flush(wait=True)
-        raise DatasetError(self.stop_message)
+        raise TooManySkipsError(self.stop_message)
 
     def settle(self, step: int, metrics_log: metrics.MetricsLog | None) -> None:
         self.gather(step)
@@ -92,8 +97,7 @@ class SkipLog:
         allowed = self.threshold * read
         if skipped <= allowed or (self.threshold > 0 and allowed < MIN_ALLOWED_SKIPS):
             return None
-        # Short on purpose: Ray Train shows the driver only the last 500 characters of a worker's traceback,
-        # so one URL only: the one `mixer verify` needs.
+        # One URL only, the one `mixer verify` needs: the shards' own are in skipped.jsonl.
         prefix = self.dataset.rstrip("/") + "/"
         worst = collections.Counter(line["shard"].removeprefix(prefix) for line in self.lines).most_common(3)
         shards = ", ".join(f"{shard} ({n})" for shard, n in worst)

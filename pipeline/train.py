@@ -30,7 +30,7 @@ from pipeline import data, deepspeed_compat, fewshot, metrics, optim, run, stora
 from pipeline.checkpoint import CheckpointStore, StepRecord
 from pipeline.config import Spec
 from pipeline.dataset_json import DatasetInfo
-from pipeline.errors import MixerError
+from pipeline.errors import FinalError
 from pipeline.evaluate import evaluate, loss_fn
 from pipeline.lease import Lease, LeaseError
 from pipeline.skips import SkipLog
@@ -39,7 +39,7 @@ from pipeline.units import format_duration
 log = logging.getLogger("mixer.train")
 
 
-class DivergedError(MixerError):
+class DivergedError(FinalError):
     """The loss became non-finite: the weights no longer hold numbers, and nothing after them is saved."""
 
 
