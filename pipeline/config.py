@@ -123,11 +123,11 @@ class ClusterSpec:
     cpus_per_worker: int = 1
     max_failures: int = 3
     # Continue on the workers that remain when hosts are lost (down to min_workers), resuming from the newest
-    # checkpoint; the global batch and the sample order stay those of the run. Ray Train's elastic resize grows the
-    # group back when hosts return.
+    # checkpoint; the global batch and the sample order stay those of the run. When hosts return, the run grows back
+    # right after a commit, redoing no step.
     elastic: bool = False
     min_workers: int = 1
-    resize_check_s: float = 60.0  # how often a healthy elastic run looks for room to grow
+    resize_check_s: float = 60.0  # an elastic run below `workers` looks for room at commits at most this often
 
 
 @dataclass

@@ -5,9 +5,10 @@ one worker per rank with its CPUs and GPUs, gloo or NCCL, and FailureConfig rest
 worker dies; restarted workers resume from the newest committed checkpoint on their own. An error that such a
 restart would meet again (a `pipeline.errors.FinalError`: the loss diverged, too many samples skipped) ends the run
 at once instead, and `run` raises it with its whole message. With `cluster.elastic`, Ray Train's elastic scaling
-restarts the group on as many workers as the cluster holds (`cluster.min_workers` to `cluster.workers`): after a
-host is lost, and again when hosts come back (checked every `cluster.resize_check_s`); the workers resume through
-the universal checkpoint when the world size changed.
+restarts the group on as many workers as the cluster holds (`cluster.min_workers` to `cluster.workers`) after a
+host is lost; when hosts come back, the workers stop right after a commit (they look for room at most every
+`cluster.resize_check_s`) and `run` starts the group again, larger. The workers resume through the universal
+checkpoint when the world size changed.
 
 Each `run` is one launch with its own id (`MIXER_LAUNCH_ID` in its workers): the run's lease is held in that id's
 name, so workers Ray Train restarts re-take it, another launch is refused, and `run` drops it once the workers are
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import tempfile
 import uuid
@@ -35,12 +37,12 @@ log = logging.getLogger(__name__)
 # from the spec as well: pipeline.storage.RETRY_ENV, pipeline.data.VERIFY_ENV).
 WORKER_ENV = ("DS_ACCELERATOR", "AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL", "AWS_DEFAULT_REGION",
               "MIXER_IO_RETRY_S", "MIXER_DATA_VERIFY")
-FINAL_ERROR = "final_error"
+FINAL_ERROR, GROW_TO = "final_error", "grow_to"
 
 
-def _worker(cfg: dict[str, Any]) -> dict[str, str] | None:
-    """One rank's run; a FinalError, raised by every rank together, ends the workers without a failure (Ray Train
-    would retry it) and comes back to the driver as rank 0's return value."""
+def _worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """One rank's run. Two ends that are not failures (Ray Train would retry them) come back to the driver as rank
+    0's return value: a FinalError, raised by every rank together, and an elastic run's stop to grow."""
     for key, value in cfg["env"].items():
         os.environ.setdefault(key, value)
     # Not setdefault: a worker process is this launch's whatever its environment says.
@@ -48,11 +50,11 @@ def _worker(cfg: dict[str, Any]) -> dict[str, str] | None:
     from pipeline.train import train
 
     try:
-        train(config_lib.from_dict(cfg["spec"]), resume_from=cfg["resume_from"])
+        result = train(config_lib.from_dict(cfg["spec"]), resume_from=cfg["resume_from"])
     except FinalError as e:
         log.error("%s: %s", type(e).__name__, e)
         return {FINAL_ERROR: f"{type(e).__module__}.{type(e).__qualname__}", "message": str(e)}
-    return None
+    return {GROW_TO: result["grow_to"], "step": result["step"]} if result["grow_to"] else None
 
 
 def _raise_final(returned: Any) -> None:
@@ -68,27 +70,45 @@ def _raise_final(returned: Any) -> None:
 
 def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None = None,
         storage_path: str | None = None) -> Any:
-    """Train a resolved spec on `spec.cluster.workers` Ray Train workers; returns Ray Train's result."""
-    import ray.train
-    from ray.train.torch import TorchConfig
-
+    """Train a resolved spec on `spec.cluster.workers` Ray Train workers; returns Ray Train's result. An elastic
+    run that stopped to grow is started again at once, on the workers the cluster now holds."""
     from pipeline.ray_cluster import init_ray
 
     init_ray(ray_address)
     launch = f"mixer-train-{uuid.uuid4().hex[:16]}"
-    c = spec.cluster
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    if c.gpus_per_worker == 0:
+    if spec.cluster.gpus_per_worker == 0:
         env.setdefault("DS_ACCELERATOR", "cpu")
-    resources = {"CPU": c.cpus_per_worker}
-    if c.gpus_per_worker:
-        resources["GPU"] = c.gpus_per_worker
-    trainer = _trainer_class()(
+    config = {"spec": spec.to_dict(), "resume_from": resume_from, "env": env, "launch_id": launch}
+    try:
+        while True:
+            result = _trainer(spec, config, storage_path).fit()
+            _raise_final(result.return_value)
+            grow = result.return_value or {}
+            if not grow.get(GROW_TO):
+                return result
+            log.info("%s: the cluster has room for %d workers again; the run goes on with them from step %d, just "
+                     "committed (cluster.elastic)", spec.run.url, grow[GROW_TO], grow["step"])
+    finally:
+        _release(spec.run.url, launch)
+
+
+def _trainer(spec: Spec, config: dict[str, Any], storage_path: str | None) -> Any:
+    """The spec mapped onto Ray Train. An elastic group is resized only by the failures that shrink it and by the
+    workers' own stops to grow, made right after a commit: Ray Train's own resize would restart a healthy group at
+    any moment, redoing the steps since the newest checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchConfig
+
+    from pipeline.ray_cluster import worker_resources
+
+    c = spec.cluster
+    return _trainer_class()(
         _worker,
-        train_loop_config={"spec": spec.to_dict(), "resume_from": resume_from, "env": env, "launch_id": launch},
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=(c.min_workers, c.workers) if c.elastic else c.workers, use_gpu=c.gpus_per_worker > 0,
-            resources_per_worker=resources, elastic_resize_monitor_interval_s=c.resize_check_s),
+            resources_per_worker=worker_resources(c), elastic_resize_monitor_interval_s=math.inf),
         torch_config=TorchConfig(backend="nccl" if c.gpus_per_worker else "gloo"),
         run_config=ray.train.RunConfig(
             name=f"mixer-{spec.hash()}",
@@ -96,12 +116,6 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
             failure_config=ray.train.FailureConfig(max_failures=c.max_failures),
         ),
     )
-    try:
-        result = trainer.fit()
-    finally:
-        _release(spec.run.url, launch)
-    _raise_final(result.return_value)
-    return result
 
 
 def _trainer_class() -> type:

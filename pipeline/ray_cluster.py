@@ -1,10 +1,13 @@
-"""Joining Ray: a given cluster address, or Ray started in-process on loopback when there is none."""
+"""Joining Ray (a given cluster address, or Ray started in-process on loopback when there is none), and what the
+cluster has room for."""
 
 from __future__ import annotations
 
 import os
 
 import ray
+
+from pipeline.config import ClusterSpec
 
 
 def init_ray(address: str | None = None, **init_kwargs) -> None:
@@ -19,3 +22,32 @@ def init_ray(address: str | None = None, **init_kwargs) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         init_kwargs.setdefault("include_dashboard", False)
         ray.init(address="local", _node_ip_address="127.0.0.1", **init_kwargs)
+
+
+def worker_resources(cluster: ClusterSpec) -> dict[str, float]:
+    """What one training worker reserves."""
+    resources = {"CPU": float(cluster.cpus_per_worker)}
+    if cluster.gpus_per_worker:
+        resources["GPU"] = float(cluster.gpus_per_worker)
+    return resources
+
+
+def most_workers(cluster: ClusterSpec, running: int, wait_s: float = 5.0) -> int:
+    """The most workers, up to `cluster.workers`, the cluster could run now with `running` of them running already:
+    room for the others is proven by placing them, as Ray Train would, in a placement group that is then removed.
+    `running` when there is no room for one more."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    per_worker = worker_resources(cluster)
+    free = ray.available_resources()
+    for size in range(cluster.workers, running, -1):
+        extra = size - running
+        if any(free.get(name, 0.0) < amount * extra for name, amount in per_worker.items()):
+            continue
+        group = placement_group([dict(per_worker)] * extra, strategy="PACK")
+        try:
+            if group.wait(timeout_seconds=wait_s):
+                return size
+        finally:
+            remove_placement_group(group)
+    return running

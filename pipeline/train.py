@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 import torch.distributed as dist
 
-from pipeline import data, deepspeed_compat, fewshot, metrics, optim, run, storage
+from pipeline import data, deepspeed_compat, fewshot, metrics, optim, ray_cluster, run, storage
 from pipeline.checkpoint import CheckpointStore, StepRecord
 from pipeline.config import Spec
 from pipeline.dataset_json import DatasetInfo
@@ -94,6 +95,7 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
     skips = SkipLog(spec, enabled=parts.rank == 0, resume_step=state.step)
     last_eval: dict[str, float] = {}
     downstream = prepare_fewshot(parts)
+    growth, grow_to = GrowthCheck(), 0
     batches = iter(state.stream)
     while state.step < stop_at:
         batch = next(batches)
@@ -114,7 +116,11 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
             log_fewshot(parts, state.step, downstream)
         if progress is not None:
             progress.update(1)
-    return finish(parts, state, last_eval, progress)
+        if due(state.step, spec.checkpoint.every_steps, stop_at) and state.step < stop_at:
+            grow_to = room_to_grow(parts, growth, state.step)
+            if grow_to:
+                break
+    return finish(parts, state, last_eval, progress, grow_to)
 
 
 def prepare_fewshot(parts: Parts) -> list[fewshot.Downstream]:
@@ -367,8 +373,36 @@ def save(parts: Parts, state: TrainState) -> None:
     parts.metrics.flush()
 
 
-def finish(parts: Parts, state: TrainState, last_eval: dict[str, float], progress: Any) -> dict[str, Any]:
-    """Wait for the last upload; when the schedule is done, export the fp32 weights (rank 0); release the run."""
+@dataclass
+class GrowthCheck:
+    """When an elastic run below its most workers last looked for room to grow (rank 0's clock; its start counts)."""
+
+    looked: float = field(default_factory=time.monotonic)
+
+
+def room_to_grow(parts: Parts, check: GrowthCheck, step: int) -> int:
+    """Collective, after a commit: the larger world size an elastic run below `cluster.workers` stops to grow to,
+    when the cluster has room again (looked for at most every `cluster.resize_check_s`); 0 when none. Stopping
+    here redoes no step: the group starts again from the step just committed."""
+    c = parts.spec.cluster
+    if not c.elastic or parts.world_size >= c.workers or not ray.is_initialized():
+        return 0
+    size = [0]
+    if parts.rank == 0 and time.monotonic() - check.looked >= c.resize_check_s:
+        check.looked = time.monotonic()
+        most = ray_cluster.most_workers(c, parts.world_size)
+        size[0] = most if most > parts.world_size else 0
+    dist.broadcast_object_list(size, src=0)
+    if size[0] and parts.rank == 0:
+        log.info("the cluster has room for %d workers again (now %d): stopping after step %d, just committed, to go "
+                 "on with them (cluster.elastic)", size[0], parts.world_size, step)
+    return size[0]
+
+
+def finish(parts: Parts, state: TrainState, last_eval: dict[str, float], progress: Any,
+           grow_to: int = 0) -> dict[str, Any]:
+    """Wait for the last upload; when the schedule is done, export the fp32 weights (rank 0); release the run,
+    unless the workers stop only to start again on `grow_to` workers."""
     parts.store.wait()
     state.stream.close()
     dist.barrier()
@@ -383,10 +417,10 @@ def finish(parts: Parts, state: TrainState, last_eval: dict[str, float], progres
     parts.metrics.close()
     if progress is not None:
         progress.close()
-    if parts.store.lease is not None:  # rank 0, the run's writes all done: the next launch may take the URL
+    if parts.store.lease is not None and not grow_to:  # rank 0, the run's writes all done: the next launch may take it
         parts.store.lease.release()
     dist.barrier()
-    return {"step": state.step, "eval": last_eval, "export": export_url, "stopped": not done}
+    return {"step": state.step, "eval": last_eval, "export": export_url, "stopped": not done, "grow_to": grow_to}
 
 
 # ---------------------------------------------------------------------------------------------------------------

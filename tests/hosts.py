@@ -84,41 +84,65 @@ def process_on(namespace: str, name: bytes) -> int | None:
     return None
 
 
-def mixer_losing_host_2(hosts: Hosts, args: list[str], worker: bytes, when: Callable[[], int | None],
-                        replace: bool, poll_s: float = 0.005) -> tuple[str, int]:
-    """`mixer ARGS --ray-address` on the hosts. Once `when()` is not None and a Ray worker titled `worker` runs on
-    host-2, that worker is SIGKILLed at once (so that its work cannot finish in the time the script takes to start),
-    then every process of host-2 (`kill-node`); with `replace` a new host-2 joins at once, else after the command.
-    Returns the command's output (stdout and stderr) and what `when()` said when host-2 was lost."""
-    host_2 = hosts.uts_namespace(2)
-    lost: list[int] = []
+def mixer_while(hosts: Hosts, args: list[str], act: Callable[[], object | None],
+                poll_s: float = 0.005) -> tuple[str, object | None]:
+    """`mixer ARGS --ray-address` on the hosts, with `act()` called every `poll_s` while it runs until it returns
+    something: (the command's output, stdout and stderr, and what `act` returned, None if never). The command must
+    succeed."""
+    acted: list[object] = []
 
-    def lose_host_2() -> None:
+    def watch() -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and command.poll() is None:
-            mark = when()
-            pid = process_on(host_2, worker) if mark is not None else None
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
-                lost.append(mark)
-                hosts.run("kill-node", "2")
-                if replace:
-                    hosts.run("add-node", "2")
+            done = act()
+            if done is not None:
+                acted.append(done)
                 return
             time.sleep(poll_s)
 
     command = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--ray-address",
                                 hosts.env["RAY_ADDRESS"]], env=hosts.env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
-    killer = threading.Thread(target=lose_host_2, daemon=True)
-    killer.start()
-    out, _ = command.communicate(timeout=600)
-    killer.join(timeout=60)
-    if not replace:
-        hosts.run("add-node", "2")  # the cluster whole again for what follows
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        out, _ = command.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        command.kill()
+        out, _ = command.communicate()
+        raise AssertionError(f"`mixer {args[0]}` did not end in 600 s:\n{out[-8000:]}") from None
+    watcher.join(timeout=60)
     assert command.returncode == 0, out[-5000:]
-    assert lost, f"no {worker.decode()} ran on host-2 while it could be lost, so nothing was lost:\n{out[-3000:]}"
-    return out, lost[0]
+    return out, acted[0] if acted else None
+
+
+def mixer_losing_host_2(hosts: Hosts, args: list[str], worker: bytes, when: Callable[[], int | None],
+                        replace: bool, poll_s: float = 0.005) -> tuple[str, int]:
+    """`mixer ARGS` on the hosts (`mixer_while`). Once `when()` is not None and a Ray worker titled `worker` runs on
+    host-2, that worker is SIGKILLed at once (so that its work cannot finish in the time the script takes to start),
+    then every process of host-2 (`kill-node`); with `replace` a new host-2 joins at once, else after the command.
+    Returns the command's output and what `when()` said when host-2 was lost."""
+    host_2 = hosts.uts_namespace(2)
+
+    def lose_host_2() -> int | None:
+        mark = when()
+        pid = process_on(host_2, worker) if mark is not None else None
+        if pid is None:
+            return None
+        os.kill(pid, signal.SIGKILL)
+        hosts.run("kill-node", "2")
+        if replace:
+            hosts.run("add-node", "2")
+        return mark
+
+    try:
+        out, lost = mixer_while(hosts, args, lose_host_2, poll_s)
+    finally:
+        if not replace:
+            hosts.run("add-node", "2")  # the cluster whole again for what follows
+    assert lost is not None, (f"no {worker.decode()} ran on host-2 while it could be lost, so nothing was lost:\n"
+                              f"{out[-3000:]}")
+    return out, lost
 
 
 def files(root: Path) -> dict[str, bytes]:
