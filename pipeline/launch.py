@@ -72,7 +72,7 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
         storage_path: str | None = None) -> Any:
     """Train a resolved spec on `spec.cluster.workers` Ray Train workers; returns Ray Train's result. An elastic
     run that stopped to grow is started again at once, on the workers the cluster now holds."""
-    from pipeline.ray_cluster import init_ray
+    from pipeline.ray_cluster import init_ray, refresh_node_view
 
     init_ray(ray_address)
     launch = f"mixer-train-{uuid.uuid4().hex[:16]}"
@@ -82,6 +82,8 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
     config = {"spec": spec.to_dict(), "resume_from": resume_from, "env": env, "launch_id": launch}
     try:
         while True:
+            if spec.cluster.elastic:
+                refresh_node_view()
             result = _trainer(spec, config, storage_path).fit()
             _raise_final(result.return_value)
             grow = result.return_value or {}

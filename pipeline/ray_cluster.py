@@ -3,11 +3,14 @@ cluster has room for."""
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
 
 from pipeline.config import ClusterSpec
+
+log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, **init_kwargs) -> None:
@@ -51,3 +54,19 @@ def most_workers(cluster: ClusterSpec, running: int, wait_s: float = 5.0) -> int
         finally:
             remove_placement_group(group)
     return running
+
+
+def refresh_node_view() -> None:
+    """Make Ray's AutoscalingCoordinator look at the nodes now. Ray Train (2.60) sizes an elastic worker group from
+    the coordinator's view of the nodes, which it refreshes every 20 s on its own: a group started in between would
+    not see a host that just joined, nor miss one just lost. Best effort: the view refreshes itself anyway."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        coordinator = get_or_create_autoscaling_coordinator()
+        ray.get(coordinator.get_reserved_resources.remote("mixer-node-view", recompute=True), timeout=60)
+    except Exception as e:
+        log.warning("could not refresh Ray's view of the nodes before sizing the worker group (%s: %s); the group "
+                    "may start smaller than the cluster allows and grow at a later commit", type(e).__name__, e)
