@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import ray
+import simplejpeg
 from PIL import Image
 
 from data_prep.images import Rejected
@@ -94,14 +95,33 @@ def _bits(grey: Image.Image) -> tuple[np.uint64, np.ndarray]:
     out = []
     for side in (8, 16):
         low = dct[:side, :side].reshape(-1)[1:]  # without the mean, which brightness moves
-        out.append(np.packbits(np.append(low > np.median(low), False)))
+        median = np.partition(low, len(low) // 2)[len(low) // 2]  # an odd count: np.median's value, 6x sooner
+        out.append(np.packbits(np.append(low > median, False)))
     return out[0].view(">u8")[0].astype(np.uint64), out[1].view(">u8").astype(np.uint64)
 
 
 def fingerprint(data: bytes) -> tuple[np.uint64, np.ndarray]:
     """(coarse, fine) hashes of an image file's bytes. A sample's own JPEG, decoded again at a quarter of its scale
     or less, costs less than greying and shrinking the pixels it was encoded from."""
-    return _bits(_grey(data, SIDE))
+    grey = _jpeg_grey(data)
+    return _bits(Image.fromarray(grey) if grey is not None else _grey(data, SIDE))
+
+
+def _jpeg_grey(data: bytes) -> np.ndarray | None:
+    """The pixels `_grey(data, SIDE)` gives for a JPEG, from libjpeg-turbo through simplejpeg in three quarters of
+    the time: the scale PIL's draft mode picks (1/8, 1/4, 1/2 or 1: the largest that keeps both sides at least
+    SIDE), the same IDCT. None where simplejpeg cannot read the file, or it is under 8 pixels on a side (libjpeg's
+    7/8 scale would give the full size there)."""
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+        if min(width, height) < 8:
+            return None
+        scale = next(s for s in (8, 4, 2, 1) if min(width // SIDE, height // SIDE) >= s or s == 1)
+        grey = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=-(-width // scale),
+                                      min_height=-(-height // scale))
+    except ValueError:
+        return None
+    return grey[:, :, 0]
 
 
 def _crops(grey: Image.Image) -> Iterator[Image.Image]:

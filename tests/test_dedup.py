@@ -4,11 +4,13 @@ kept, the same bytes on a re-run, the same shards whether the reference set is a
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep import dedup
 from data_prep.sample_data import encode, near_copy, photo
@@ -115,6 +117,20 @@ def test_fingerprints_ignore_re_encoding_and_brightness_but_not_another_picture(
         assert int(np.bitwise_count(base[0] ^ coarse)) <= 4 and int(np.bitwise_count(base[1] ^ fine).sum()) <= 24
     other = dedup.fingerprint(encode(b, "jpeg")[0])
     assert int(np.bitwise_count(base[1] ^ other[1]).sum()) > dedup.FINE_MAX
+
+
+@pytest.mark.parametrize("width, height", [(700, 520), (1100, 260), (330, 100), (285, 190), (60, 40), (6, 300)])
+@pytest.mark.parametrize("grey, progressive", [(False, False), (True, True)])
+def test_a_jpeg_is_hashed_from_the_pixels_of_pils_draft_mode(width, height, grey, progressive):
+    """A sample's JPEG is decoded by simplejpeg at the scale PIL's draft mode picks (1/8 to 1, sides of at least
+    64): the hashes are those of PIL's decode, the one reference images go through."""
+    pixels = np.asarray(Image.fromarray(photo(np.random.default_rng(width))).resize((width, height)))
+    buf = io.BytesIO()
+    Image.fromarray(pixels[:, :, 0] if grey else pixels).save(buf, "JPEG", quality=85, progressive=progressive)
+    data = buf.getvalue()
+    coarse, fine = dedup.fingerprint(data)
+    pil_coarse, pil_fine = dedup._bits(dedup._grey(data, dedup.SIDE))
+    assert coarse == pil_coarse and fine.tolist() == pil_fine.tolist()
 
 
 def test_a_run_recorded_before_dedup_existed_resumes_and_one_with_references_is_refused(tmp_path):
