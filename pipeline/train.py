@@ -394,8 +394,8 @@ def room_to_grow(parts: Parts, check: GrowthCheck, step: int) -> int:
         size[0] = most if most > parts.world_size else 0
     dist.broadcast_object_list(size, src=0)
     if size[0] and parts.rank == 0:
-        log.info("the cluster has room for %d workers again (now %d): stopping after step %d, just committed, to go "
-                 "on with them (cluster.elastic)", size[0], parts.world_size, step)
+        log.info("the cluster has room for %d workers again (now %d): stopping once the checkpoint of step %d is "
+                 "committed, to go on with them from there (cluster.elastic)", size[0], parts.world_size, step)
     return size[0]
 
 

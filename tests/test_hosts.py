@@ -117,8 +117,8 @@ def test_an_elastic_run_grows_right_after_a_commit_once_a_host_joins(hosts, one_
     grown_at = starts[1][0]
     assert starts[1] == (grown_at, 2, ["host-1", "host-2"]) and grown_at % EVERY == 0
     assert joined_after < grown_at < STEPS
-    assert (f"the cluster has room for 2 workers again (now 1): stopping after step {grown_at}, just committed, to "
-            "go on with them (cluster.elastic)") in out
+    assert (f"the cluster has room for 2 workers again (now 1): stopping once the checkpoint of step {grown_at} is "
+            "committed, to go on with them from there (cluster.elastic)") in out
     assert f"world size 1 -> 2 at step {grown_at}: the cluster holds 2 workers now (cluster.elastic: 1 to 2)" in out
     assert "could not refresh Ray's view of the nodes" not in out
     straight, grown = losses(one_host), losses(url)
