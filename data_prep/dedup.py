@@ -119,7 +119,7 @@ def _jpeg_grey(data: bytes) -> np.ndarray | None:
         scale = next(s for s in (8, 4, 2, 1) if min(width // SIDE, height // SIDE) >= s or s == 1)
         grey = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=-(-width // scale),
                                       min_height=-(-height // scale))
-    except ValueError:
+    except Exception:  # simplejpeg's errors are of several kinds; PIL's path reads or rejects the file
         return None
     return grey[:, :, 0]
 

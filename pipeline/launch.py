@@ -62,7 +62,10 @@ def _raise_final(returned: Any) -> None:
     if not isinstance(returned, dict) or FINAL_ERROR not in returned:
         return
     module, _, name = returned[FINAL_ERROR].rpartition(".")
-    kind = getattr(importlib.import_module(module), name, None)
+    try:
+        kind = getattr(importlib.import_module(module), name, None)
+    except ImportError:  # the workers' message matters more than its class
+        kind = None
     if not (isinstance(kind, type) and issubclass(kind, FinalError)):
         kind = FinalError
     raise kind(returned["message"])

@@ -390,7 +390,12 @@ def room_to_grow(parts: Parts, check: GrowthCheck, step: int) -> int:
     size = [0]
     if parts.rank == 0 and time.monotonic() - check.looked >= c.resize_check_s:
         check.looked = time.monotonic()
-        most = ray_cluster.most_workers(c, parts.world_size)
+        try:
+            most = ray_cluster.most_workers(c, parts.world_size)
+        except Exception as e:  # a look for room must never fail the group: the other ranks wait in the broadcast
+            log.warning("could not look for room to grow (%s: %s); looking again at a later commit",
+                        type(e).__name__, e)
+            most = parts.world_size
         size[0] = most if most > parts.world_size else 0
     dist.broadcast_object_list(size, src=0)
     if size[0] and parts.rank == 0:

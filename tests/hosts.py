@@ -50,6 +50,10 @@ class Hosts:
         subprocess.run([str(CLUSTER), *args, str(self.state)], env=self.env, check=True, capture_output=True,
                        timeout=180)
 
+    def alive(self, host: int) -> bool:
+        pid = self.state / f"host-{host}.pid"
+        return pid.exists() and os.path.exists(f"/proc/{pid.read_text().strip()}")
+
     def uts_namespace(self, host: int) -> str:
         return os.readlink(f"/proc/{(self.state / f'host-{host}.pid').read_text().strip()}/ns/uts")
 
@@ -90,15 +94,19 @@ def mixer_while(hosts: Hosts, args: list[str], act: Callable[[], object | None],
     something: (the command's output, stdout and stderr, and what `act` returned, None if never). The command must
     succeed."""
     acted: list[object] = []
+    failed: list[BaseException] = []
 
     def watch() -> None:
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and command.poll() is None:
-            done = act()
-            if done is not None:
-                acted.append(done)
-                return
-            time.sleep(poll_s)
+        try:
+            while time.monotonic() < deadline and command.poll() is None:
+                done = act()
+                if done is not None:
+                    acted.append(done)
+                    return
+                time.sleep(poll_s)
+        except BaseException as e:  # raised again in the test's thread, after the command
+            failed.append(e)
 
     command = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args, "--ray-address",
                                 hosts.env["RAY_ADDRESS"]], env=hosts.env, stdout=subprocess.PIPE,
@@ -112,6 +120,8 @@ def mixer_while(hosts: Hosts, args: list[str], act: Callable[[], object | None],
         out, _ = command.communicate()
         raise AssertionError(f"`mixer {args[0]}` did not end in 600 s:\n{out[-8000:]}") from None
     watcher.join(timeout=60)
+    if failed:
+        raise failed[0]
     assert command.returncode == 0, out[-5000:]
     return out, acted[0] if acted else None
 
@@ -138,7 +148,7 @@ def mixer_losing_host_2(hosts: Hosts, args: list[str], worker: bytes, when: Call
     try:
         out, lost = mixer_while(hosts, args, lose_host_2, poll_s)
     finally:
-        if not replace:
+        if not hosts.alive(2):
             hosts.run("add-node", "2")  # the cluster whole again for what follows
     assert lost is not None, (f"no {worker.decode()} ran on host-2 while it could be lost, so nothing was lost:\n"
                               f"{out[-3000:]}")

@@ -1,5 +1,5 @@
 """Training on two hosts (`tests/hosts.py`) x one worker, ZeRO-3, checkpoints on S3, against the same run on this
-session's one-machine cluster: a host lost after step 10 is committed and a replacement joining give the same run to
+session's one-machine cluster: a host lost after step 20 is committed and a replacement joining give the same run to
 the bit; with `cluster.elastic` and no replacement, the run ends on the worker that remains; an elastic run that
 started on one host grows to two at a commit once the other has room."""
 
@@ -108,10 +108,15 @@ def test_an_elastic_run_grows_right_after_a_commit_once_a_host_joins(hosts, one_
     def host_2_joins() -> int | None:
         if not storage.exists(storage.join(url, "lease.json")):  # taken by the first worker group, once it runs
             return None
+        committed = CheckpointStore(storage.join(url, "checkpoints")).latest() or 0  # its room looked for: none
         hosts.run("add-node", "2")
-        return CheckpointStore(storage.join(url, "checkpoints")).latest() or 0
+        return committed
 
-    out, joined_after = mixer_while(hosts, ["train", str(tmp_path / "spec.yaml")], host_2_joins, poll_s=0.1)
+    try:
+        out, joined_after = mixer_while(hosts, ["train", str(tmp_path / "spec.yaml")], host_2_joins, poll_s=0.1)
+    finally:
+        if not hosts.alive(2):
+            hosts.run("add-node", "2")  # the cluster whole again for what follows
     starts = _starts(url)
     assert len(starts) == 2 and starts[0] == (0, 1, ["host-1"]), starts
     grown_at = starts[1][0]
