@@ -116,7 +116,7 @@ def _jpeg_grey(data: bytes) -> np.ndarray | None:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
         if min(width, height) < 8:
             return None
-        scale = next(s for s in (8, 4, 2, 1) if min(width // SIDE, height // SIDE) >= s or s == 1)
+        scale = next((s for s in (8, 4, 2) if min(width, height) // SIDE >= s), 1)
         grey = simplejpeg.decode_jpeg(data, colorspace="GRAY", min_width=-(-width // scale),
                                       min_height=-(-height // scale))
     except Exception:  # simplejpeg's errors are of several kinds; PIL's path reads or rejects the file

@@ -54,7 +54,7 @@ def _worker(cfg: dict[str, Any]) -> dict[str, Any] | None:
     except FinalError as e:
         log.error("%s: %s", type(e).__name__, e)
         return {FINAL_ERROR: f"{type(e).__module__}.{type(e).__qualname__}", "message": str(e)}
-    return {GROW_TO: result["grow_to"], "step": result["step"]} if result["grow_to"] else None
+    return {GROW_TO: result["grow_to"]} if result["grow_to"] else None
 
 
 def _raise_final(returned: Any) -> None:
@@ -89,11 +89,8 @@ def run(spec: Spec, *, ray_address: str | None = None, resume_from: str | None =
                 refresh_node_view()
             result = _trainer(spec, config, storage_path).fit()
             _raise_final(result.return_value)
-            grow = result.return_value or {}
-            if not grow.get(GROW_TO):
+            if not (result.return_value or {}).get(GROW_TO):  # else rank 0 has said why the workers stopped
                 return result
-            log.info("%s: the cluster has room for %d workers again; the run goes on with them from step %d, just "
-                     "committed (cluster.elastic)", spec.run.url, grow[GROW_TO], grow["step"])
     finally:
         _release(spec.run.url, launch)
 

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import ray
 import torch
 import torch.distributed as dist
 
-from pipeline import data, deepspeed_compat, fewshot, metrics, optim, ray_cluster, run, storage
+from pipeline import data, deepspeed_compat, fewshot, metrics, optim, run, storage
 from pipeline.checkpoint import CheckpointStore, StepRecord
 from pipeline.config import Spec
 from pipeline.dataset_json import DatasetInfo
@@ -104,7 +103,8 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
         skips.add(state.step, batch.skipped)
         if due(state.step, spec.run.log_every, parts.shape.total_steps):
             log_train(parts, state.step, window, progress, skips)
-        if due(state.step, spec.checkpoint.every_steps, stop_at):
+        committing = due(state.step, spec.checkpoint.every_steps, stop_at)
+        if committing:
             check_finite(parts, window, state.step)
             skips.settle(state.step, parts.metrics)  # a resume from this step must find every skip up to it on file
             save(parts, state)
@@ -116,7 +116,7 @@ def train(spec: Spec, *, resume_from: str | None = None) -> dict[str, Any]:
             log_fewshot(parts, state.step, downstream)
         if progress is not None:
             progress.update(1)
-        if due(state.step, spec.checkpoint.every_steps, stop_at) and state.step < stop_at:
+        if committing and state.step < stop_at:
             grow_to = room_to_grow(parts, growth, state.step)
             if grow_to:
                 break
@@ -385,7 +385,13 @@ def room_to_grow(parts: Parts, check: GrowthCheck, step: int) -> int:
     when the cluster has room again (looked for at most every `cluster.resize_check_s`); 0 when none. Stopping
     here redoes no step: the group starts again from the step just committed."""
     c = parts.spec.cluster
-    if not c.elastic or parts.world_size >= c.workers or not ray.is_initialized():
+    if not c.elastic or parts.world_size >= c.workers:
+        return 0
+    import ray  # here, not at the top: a trainer under torchrun does without Ray and its 0.3 s of imports
+
+    from pipeline import ray_cluster
+
+    if not ray.is_initialized():
         return 0
     size = [0]
     if parts.rank == 0 and time.monotonic() - check.looked >= c.resize_check_s:

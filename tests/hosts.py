@@ -50,9 +50,11 @@ class Hosts:
         subprocess.run([str(CLUSTER), *args, str(self.state)], env=self.env, check=True, capture_output=True,
                        timeout=180)
 
-    def alive(self, host: int) -> bool:
-        pid = self.state / f"host-{host}.pid"
-        return pid.exists() and os.path.exists(f"/proc/{pid.read_text().strip()}")
+    def restore(self, host: int) -> None:
+        """Start host-I again if it is down: the cluster whole for what follows."""
+        pid = self.state / f"host-{host}.pid"  # `kill-node` removes it
+        if not (pid.exists() and os.path.exists(f"/proc/{pid.read_text().strip()}")):
+            self.run("add-node", str(host))
 
     def uts_namespace(self, host: int) -> str:
         return os.readlink(f"/proc/{(self.state / f'host-{host}.pid').read_text().strip()}/ns/uts")
@@ -148,8 +150,7 @@ def mixer_losing_host_2(hosts: Hosts, args: list[str], worker: bytes, when: Call
     try:
         out, lost = mixer_while(hosts, args, lose_host_2, poll_s)
     finally:
-        if not hosts.alive(2):
-            hosts.run("add-node", "2")  # the cluster whole again for what follows
+        hosts.restore(2)
     assert lost is not None, (f"no {worker.decode()} ran on host-2 while it could be lost, so nothing was lost:\n"
                               f"{out[-3000:]}")
     return out, lost

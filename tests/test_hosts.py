@@ -115,8 +115,7 @@ def test_an_elastic_run_grows_right_after_a_commit_once_a_host_joins(hosts, one_
     try:
         out, joined_after = mixer_while(hosts, ["train", str(tmp_path / "spec.yaml")], host_2_joins, poll_s=0.1)
     finally:
-        if not hosts.alive(2):
-            hosts.run("add-node", "2")  # the cluster whole again for what follows
+        hosts.restore(2)
     starts = _starts(url)
     assert len(starts) == 2 and starts[0] == (0, 1, ["host-1"]), starts
     grown_at = starts[1][0]
